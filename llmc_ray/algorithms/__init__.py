@@ -1,0 +1,3 @@
+from .base import ALGORITHMS, BlockContext, BlockResult, register, resolve
+
+__all__ = ["ALGORITHMS", "BlockContext", "BlockResult", "register", "resolve"]

@@ -1,0 +1,74 @@
+"""Ray start-up and the actor group: thin actors around BlockWorker, set up by explicit calls in order."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any, Dict, List, Optional
+
+import ray
+
+from ..checkpoint import Checkpoint
+from ..config import ConfigError, DistConfig
+from ..worker import BlockWorker, WorkerPlan
+from .planner import partition
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(dist: DistConfig) -> None:
+    if ray.is_initialized():
+        return
+    # Ray's own start-up chatter stays out of the user's console; actors' errors still surface via exceptions
+    kw: Dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                              configure_logging=True)
+    if dist.address:
+        ray.init(address=dist.address, **kw)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, dist.actors * dist.cpus_per_actor), **kw)
+
+
+def plan_workers(ckpt: Checkpoint, spec, n_layers: int, dist: DistConfig, model_type: str,
+                 dtype: str) -> List[WorkerPlan]:
+    sizes = [ckpt.bytes_under(f"{spec.blocks}.{i}.") for i in range(n_layers)]
+    head = ckpt.bytes_under(spec.lm_head + ".") or ckpt.bytes_under(spec.embed + ".")
+    ranges = partition(sizes, dist.actors, first_extra=ckpt.bytes_under(spec.embed + "."),
+                       last_extra=head + ckpt.bytes_under(spec.final_norm + "."))
+    threads = dist.cpus_per_actor if dist.device == "cpu" else 0
+    return [WorkerPlan(rank=r, blocks=rg, first=r == 0, last=r == len(ranges) - 1, model_dir=str(ckpt.dir),
+                       model_type=model_type, dtype=dtype, device=dist.device, threads=threads)
+            for r, rg in enumerate(ranges)]
+
+
+class ActorGroup:
+    """The chain of block actors, first to last."""
+
+    def __init__(self, plans: List[WorkerPlan], dist: DistConfig):
+        if dist.device == "cuda":
+            gpus = ray.cluster_resources().get("GPU", 0)
+            if gpus < len(plans):
+                raise ConfigError(f"dist.actors={len(plans)} with dist.device=cuda needs {len(plans)} GPUs; "
+                                  f"the Ray cluster has {gpus:g}")
+        remote = ray.remote(num_cpus=dist.cpus_per_actor, num_gpus=1 if dist.device == "cuda" else 0,
+                            max_restarts=0)(BlockWorker)
+        self.plans = plans
+        self.actors = [remote.options(name=None).remote(p) for p in plans]
+        self.owner = {i: a for a, p in zip(self.actors, plans) for i in p.blocks}
+
+    @property
+    def first(self):
+        return self.actors[0]
+
+    @property
+    def last(self):
+        return self.actors[-1]
+
+    def load(self) -> List[Dict[str, Any]]:
+        return ray.get([a.load.remote() for a in self.actors])
+
+    def call_all(self, method: str, *args) -> List[Any]:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)

@@ -1,0 +1,92 @@
+"""How work flows through the actor chain. The driver only ever `ray.get`s small results (NLL sums,
+block reports); activations go from actor to actor as ObjectRefs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import ray
+import torch
+
+from .cluster import ActorGroup
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, progress: bool = True) -> float:
+    """Every eval batch is submitted up front: Ray runs each actor's calls in order, so actor k works on
+    batch b while actor k+1 works on batch b-1 (a pipeline with no extra scheduling code)."""
+    results = []
+    for start in range(0, windows.shape[0], bs):
+        ids = ray.put(windows[start:start + bs])
+        x: Any = ids
+        for actor in group.actors:
+            x = actor.stage.remote(x, ids, bs)
+        results.append(x)
+    total, count = 0.0, 0
+    with _progress(len(results), desc, progress) as bar:
+        pending = list(results)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+        for nll, n in ray.get(results):
+            total += nll
+            count += n
+    return math.exp(total / count)
+
+
+def calibrate_sequential(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
+                         progress: bool = True, on_report: Callable[[Dict[str, Any]], None] = lambda r: None
+                         ) -> List[Dict[str, Any]]:
+    """llmc's order: block i calibrates on block i-1's (transformed or fake-quant) outputs. The activations
+    ref hops from block to block and actor to actor; the driver waits only for each block's report."""
+    acts = group.first.calib_inputs.remote(ray.put(calib_ids), bs)
+    reports = []
+    with _progress(n_blocks, f"calibrate {job.method}", progress) as bar:
+        for i in range(n_blocks):
+            actor = group.owner[i]
+            acts, rep_ref = actor.calibrate_block.options(num_returns=2).remote(i, acts, job)
+            rep = ray.get(rep_ref)
+            reports.append(rep)
+            on_report(rep)
+            bar.set_postfix_str(f"block {i} on actor {rep['rank']}")
+            bar.update(1)
+    return reports
+
+
+def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_config: Dict[str, Any] = None,
+              dtype: str = "float32") -> Path:
+    """Each actor writes its own shard; the driver writes index + config + tokenizer; then one atomic
+    rename publishes the directory (a crash leaves no half-written model)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n = len(group.actors)
+    names = [f"model-{r + 1:05d}-of-{n:05d}.safetensors" for r in range(n)]
+    keys = ray.get([a.write_shard.remote(str(tmp / f)) for a, f in zip(group.actors, names)])
+    weight_map = {k: f for f, ks in zip(names, keys) for k in ks}
+    total = sum(os.path.getsize(tmp / f) for f in names)
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config = json.loads((src_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = dtype
+    config["dtype"] = dtype
+    config.update(extra_config or {})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if (src_dir / "generation_config.json").is_file():
+        shutil.copy(src_dir / "generation_config.json", tmp / "generation_config.json")
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir

@@ -1,0 +1,103 @@
+"""One run, as a short script over the pieces: validate → tokens → actors → eval → calibrate → eval → save."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict
+
+from .config import RunConfig
+from .validate import make_plan
+from .worker import CalibJob
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    def __init__(self):
+        self.timings: Dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def run(cfg: RunConfig) -> Dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from .data import load_calib_tokens, load_eval_tokens
+    from .dist import cluster, schedule
+
+    timer = Timer()
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.save.save_path)
+    # everything that can fail on user input happens before Ray starts
+    with timer("plan"):
+        plan = make_plan(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(plan.ckpt.dir)
+        calib_ids = load_calib_tokens(cfg.calib, tokenizer) if plan.method.needs_calib else None
+        eval_ids = load_eval_tokens(cfg.eval, tokenizer) if cfg.eval.eval_pos else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Any] = {"eval": {}, "timings_s": timer.timings, "blocks": [],
+                               "config": asdict(cfg), "model_dir": str(plan.ckpt.dir)}
+    ppl = results["eval"].setdefault(cfg.eval.name, {})
+    progress = cfg.run.progress
+
+    def evaluate(pos: str) -> None:
+        if pos in cfg.eval.eval_pos:
+            with timer(f"eval_{pos}"):
+                ppl[pos] = schedule.perplexity(group, eval_ids, cfg.eval.bs, f"eval {pos}", progress)
+            log.info("%s PPL (%s): %.4f", cfg.eval.name, pos, ppl[pos])
+            write_json_atomic(out_dir / "results.json", results)
+
+    cluster.init_ray(cfg.dist)
+    with timer("load"):
+        plans = cluster.plan_workers(plan.ckpt, plan.spec, plan.n_layers, cfg.dist, plan.model_type, plan.dtype)
+        group = cluster.ActorGroup(plans, cfg.dist)
+        results["actors"] = group.load()
+    try:
+        evaluate("pretrain")
+        with timer("calibrate"):
+            if plan.method.needs_calib:
+                job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out)
+                results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
+                                                                  plan.n_layers, progress)
+            else:
+                group.call_all("rtn_all", plan.qspec)
+        evaluate("transformed")
+        if cfg.save.save_trans:
+            with timer("save_trans"):
+                schedule.export_hf(group, out_dir / "transformed_model", plan.ckpt.dir, tokenizer, dtype=plan.dtype)
+        if "fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake:
+            group.call_all("to_fake_quant")
+        evaluate("fake_quant")
+        if cfg.save.save_fake:
+            with timer("save_fake"):
+                schedule.export_hf(group, out_dir / "fake_quant_model", plan.ckpt.dir, tokenizer, dtype=plan.dtype)
+        results["memory"] = group.call_all("memory")
+    finally:
+        group.shutdown()
+    timer.timings["total"] = round(time.perf_counter() - t_start, 3)
+    write_json_atomic(out_dir / "results.json", results)
+    return results
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    rows = ["| eval | " + " | ".join(("pretrain", "transformed", "fake_quant")) + " |", "|---|---|---|---|"]
+    for name, by_pos in results["eval"].items():
+        cells = [f"{by_pos[p]:.4f}" if p in by_pos else "-" for p in ("pretrain", "transformed", "fake_quant")]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    t = results["timings_s"]
+    rows.append("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    return "\n".join(rows)

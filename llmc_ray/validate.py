@@ -1,0 +1,86 @@
+"""Checks that need the model's shapes, run on safetensors headers before Ray or any GPU starts.
+
+Each failure is one ConfigError line that says what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+from .algorithms.base import Method, resolve
+from .checkpoint import Checkpoint, resolve_model_dir
+from .config import ConfigError, RunConfig
+from .models import ModelSpec, get_spec
+from .quant.quantizer import QuantSpec
+
+
+@dataclass
+class Plan:
+    """What the run resolved from the config and the checkpoint headers."""
+    ckpt: Checkpoint
+    model_type: str
+    spec: ModelSpec
+    n_layers: int
+    method: Method
+    special: Any
+    qspec: QuantSpec
+    dtype: str
+
+
+def check_target(cfg: RunConfig, special: Any) -> None:
+    """TPU-MLIR re-quantizes saved weights with plain group RTN; refuse settings it cannot reproduce."""
+    if cfg.run.target != "tpu_mlir":
+        return
+    w = cfg.quant.weight
+    if w.bit == 4 and (w.symmetric or w.granularity not in ("per_group", "per_channel")):
+        raise ConfigError("run.target=tpu_mlir with 4-bit weights needs quant.weight.symmetric=false and "
+                          "granularity per_group or per_channel (TPU-MLIR's W4 is asymmetric)")
+    if w.bit == 8 and (not w.symmetric or w.granularity not in ("per_group", "per_channel")):
+        raise ConfigError("run.target=tpu_mlir with 8-bit weights needs quant.weight.symmetric=true and "
+                          "granularity per_channel or per_group")
+    if w.bit not in (4, 8):
+        raise ConfigError(f"run.target=tpu_mlir re-quantizes to W4 or W8 only; quant.weight.bit={w.bit}")
+    if getattr(special, "actorder", False):
+        raise ConfigError("run.target=tpu_mlir cannot reproduce GPTQ act-order groups: set quant.special.actorder=false")
+
+
+def check_shapes(ckpt: Checkpoint, spec: ModelSpec, n_layers: int, qspec: QuantSpec) -> None:
+    """Every adapter name resolves in every block, and the group size divides every in_features."""
+    bad_groups: Dict[str, List[int]] = {}
+    for i in range(n_layers):
+        for name in spec.linears:
+            key = f"{spec.blocks}.{i}.{name}.weight"
+            if key not in ckpt.tensors:
+                raise ConfigError(f"checkpoint has no {key}: the {spec.name!r} adapter does not fit this model "
+                                  f"(set model.type to the right family)")
+            in_f = ckpt.tensors[key].shape[1]
+            if qspec.granularity == "per_group" and in_f % qspec.group_size:
+                bad_groups.setdefault(name, []).append(in_f)
+    if bad_groups:
+        name, dims = next(iter(bad_groups.items()))
+        raise ConfigError(f"quant.weight.group_size={qspec.group_size} does not divide in_features={dims[0]} of "
+                          f"{name} (and {len(bad_groups) - 1} more layer kinds): pick a group size dividing "
+                          f"{dims[0]}, e.g. 64 or 32")
+
+
+def make_plan(cfg: RunConfig) -> Plan:
+    model_dir = resolve_model_dir(cfg.model.path)
+    ckpt = Checkpoint(model_dir)
+    raw = ckpt.raw_config()
+    model_type = cfg.model.type or raw.get("model_type")
+    if not model_type:
+        raise ConfigError(f"{model_dir}/config.json has no model_type: set model.type")
+    spec = get_spec(model_type)
+    method, special = resolve(cfg.quant.method, cfg.quant.special)
+    check_target(cfg, special)
+    qspec = QuantSpec.from_config(cfg.quant.weight)
+    n_layers = int(raw["num_hidden_layers"])
+    check_shapes(ckpt, spec, n_layers, qspec)
+    if cfg.dist.actors > n_layers:
+        raise ConfigError(f"dist.actors={cfg.dist.actors} but the model has {n_layers} blocks: use at most {n_layers}")
+    dtype = cfg.model.torch_dtype
+    if dtype == "auto":
+        dtype = str(raw.get("torch_dtype") or raw.get("dtype") or "float32").replace("torch.", "")
+    if cfg.dist.device == "cpu" and dtype == "float16":
+        raise ConfigError("model.torch_dtype=float16 on dist.device=cpu is slow and lossy: use float32 or bfloat16")
+    return Plan(ckpt, model_type, spec, n_layers, method, special, qspec, dtype)

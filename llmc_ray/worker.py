@@ -1,0 +1,256 @@
+"""BlockWorker: owns a contiguous range of decoder blocks (plus embeddings on the first, norm + head on the
+last) on one device. Plain Python: `dist/` wraps it in a Ray actor, tests can drive it directly.
+
+Activations travel between workers as a list of CPU tensors [bs, seq, hidden] (one per micro-batch).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithms.base import BlockContext, resolve
+from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
+from .models import get_spec
+from .quant.quantizer import QuantSpec, compute_qparams, fake_quant
+
+log = logging.getLogger(__name__)
+Acts = List[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    rank: int
+    blocks: Tuple[int, ...]
+    first: bool  # holds the embeddings
+    last: bool  # holds final norm + lm_head
+    model_dir: str
+    model_type: str
+    dtype: str
+    device: str
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class CalibJob:
+    """What a worker needs to calibrate: names and numbers only, resolved inside the worker."""
+    method: str
+    special: Dict[str, Any]
+    spec: QuantSpec
+    quant_out: bool
+
+
+class BlockWorker:
+    def __init__(self, plan: WorkerPlan):
+        self.plan = plan
+        self.blocks: Dict[int, nn.Module] = {}
+        self.qparams: Dict[int, Dict[str, Any]] = {}
+        self.spec: Optional[QuantSpec] = None
+        self.mode = "pretrain"
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def load(self) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        p = self.plan
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if p.device == "cuda" else torch.device("cpu")
+        ckpt = Checkpoint(Path(p.model_dir))
+        self.config = ckpt.config()
+        self.mspec = get_spec(p.model_type)
+        dtype = TORCH_DTYPES[p.dtype]
+        self.dtype = dtype
+        meta = meta_model(self.config)
+        layers = meta.get_submodule(self.mspec.blocks)
+        for i in p.blocks:
+            prefix = f"{self.mspec.blocks}.{i}"
+            self.blocks[i] = materialize(layers[i], ckpt.load_prefix(prefix), self.device, dtype, prefix)
+        if p.first:
+            self.embed = materialize(meta.get_submodule(self.mspec.embed), ckpt.load_prefix(self.mspec.embed),
+                                     self.device, dtype, self.mspec.embed)
+        if p.last:
+            self.norm = materialize(meta.get_submodule(self.mspec.final_norm),
+                                    ckpt.load_prefix(self.mspec.final_norm), self.device, dtype, self.mspec.final_norm)
+            head_state = ckpt.load_prefix(self.mspec.lm_head) or ckpt.load_prefix(self.mspec.embed)  # tied
+            self.head = materialize(meta.get_submodule(self.mspec.lm_head), head_state, self.device, dtype,
+                                    self.mspec.lm_head)
+        rotary_cls = type(meta.get_submodule(self.mspec.rotary))
+        self.rotary = rotary_cls(config=self.config).to(self.device)  # inv_freq computed on CPU, like HF
+        self._kwargs_cache: Dict[int, Dict[str, Any]] = {}
+        mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return {"rank": p.rank, "blocks": list(p.blocks), "load_s": time.perf_counter() - t0, "gpu_bytes": mem}
+
+    def block_kwargs(self, x: torch.Tensor) -> Dict[str, Any]:
+        """Position embeddings for a full causal sequence of x's length (no padding: mask is implied)."""
+        seq = x.shape[1]
+        if seq not in self._kwargs_cache:
+            pos = torch.arange(seq, device=self.device).unsqueeze(0)
+            cos, sin = self.rotary(x, pos)
+            self._kwargs_cache[seq] = {"position_embeddings": (cos.to(self.dtype), sin.to(self.dtype)),
+                                       "position_ids": pos, "attention_mask": None}
+        return self._kwargs_cache[seq]
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _to_dev(self, acts: Acts) -> Acts:
+        return [a.to(self.device, self.dtype) for a in acts]
+
+    @staticmethod
+    def _to_cpu(acts: Acts) -> Acts:
+        return [a.to("cpu") for a in acts]
+
+    @torch.no_grad()
+    def _run_block(self, block: nn.Module, acts: Acts) -> Acts:
+        out = []
+        for x in acts:
+            y = block(x, **self.block_kwargs(x))
+            out.append(y[0] if isinstance(y, tuple) else y)
+        return out
+
+    @torch.no_grad()
+    def embed_tokens(self, ids: torch.Tensor, bs: int) -> Acts:
+        ids = ids.to(self.device)
+        return [self.embed(ids[i:i + bs]) for i in range(0, ids.shape[0], bs)]
+
+    @torch.no_grad()
+    def stage(self, x: Any, ids: Optional[torch.Tensor] = None, bs: int = 1) -> Any:
+        """One pipeline stage of an eval batch: tokens (first worker) or activations in; activations out,
+        or (sum of token NLL, token count) from the last worker."""
+        acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
+        for i in self.plan.blocks:
+            acts = self._run_block(self.blocks[i], acts)
+        if not self.plan.last:
+            return self._to_cpu(acts)
+        return self._nll(acts, ids.to(self.device))
+
+    def _nll(self, acts: Acts, ids: torch.Tensor) -> Tuple[float, int]:
+        total, count, row = 0.0, 0, 0
+        for h in acts:
+            logits = self.head(self.norm(h)).float()
+            labels = ids[row:row + h.shape[0]]
+            row += h.shape[0]
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   reduction="sum")
+            total += loss.item()
+            count += labels[:, 1:].numel()
+        return total, count
+
+    # -- calibration -------------------------------------------------------------------------------------
+    def calib_inputs(self, ids: torch.Tensor, bs: int) -> Acts:
+        """Inputs of the first block: the embedded calibration tokens (first worker only)."""
+        return self._to_cpu(self.embed_tokens(ids, bs))
+
+    def calibrate_block(self, index: int, acts: Optional[Acts], job: CalibJob) -> Tuple[Optional[Acts], Dict[str, Any]]:
+        """Transform block `index` on its captured inputs; return the next block's inputs and a report."""
+        t0 = time.perf_counter()
+        method, special = resolve(job.method, job.special)
+        self.spec = job.spec
+        block = self.blocks[index]
+        dev_acts = self._to_dev(acts) if acts is not None else []
+        try:
+            ctx = BlockContext(block=block, inputs=dev_acts,
+                               block_kwargs=self.block_kwargs(dev_acts[0]) if dev_acts else {},
+                               subsets=self.mspec.subsets, spec=job.spec, special=special, index=index)
+            with torch.no_grad() if not method.needs_grad else torch.enable_grad():
+                result = method.fn(ctx)
+            self.qparams[index] = self._fill_qparams(block, result.qparams)
+            errors = self._weight_errors(block, index)
+            out = None
+            if acts is not None:
+                src = self._fake_block(index) if job.quant_out else block
+                out = self._to_cpu(self._run_block(src, dev_acts))
+        except Exception as e:  # add where it happened, keep the original type and traceback
+            raise type(e)(f"block {index} ({job.method}): {e}") from e
+        self.mode = "transformed"
+        report = {"block": index, "rank": self.plan.rank, "seconds": time.perf_counter() - t0,
+                  "weight_rel_err": errors, "info": _small(result.info)}
+        return out, report
+
+    def _fill_qparams(self, block: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
+        out = {}
+        for name in self.mspec.linears:
+            qp = given.get(name)
+            if qp is None:
+                qp = compute_qparams(block.get_submodule(name).weight.data, self.spec)
+            out[name] = tuple(t.detach() for t in qp)
+        return out
+
+    def _fake_block(self, index: int) -> nn.Module:
+        block = copy.deepcopy(self.blocks[index])
+        self._fake_quant_inplace(block, index)
+        return block
+
+    def _fake_quant_inplace(self, block: nn.Module, index: int) -> None:
+        for name, (scale, zero) in self.qparams[index].items():
+            lin = block.get_submodule(name)
+            lin.weight.data = fake_quant(lin.weight.data, self.spec, scale, zero)
+
+    def _weight_errors(self, block: nn.Module, index: int) -> Dict[str, float]:
+        """||W - q(W)|| / ||W|| per linear: the per-block quantization error plotted in the report."""
+        errs = {}
+        for name, (scale, zero) in self.qparams[index].items():
+            w = block.get_submodule(name).weight.data.float()
+            errs[name] = float((w - fake_quant(w, self.spec, scale, zero)).norm() / w.norm().clamp(min=1e-12))
+        return errs
+
+    def rtn_all(self, spec: QuantSpec) -> None:
+        """Quantize without calibration data: every block gets RTN qparams from its weights."""
+        self.spec = spec
+        for i, block in self.blocks.items():
+            self.qparams[i] = self._fill_qparams(block, {})
+        self.mode = "transformed"
+
+    def to_fake_quant(self) -> None:
+        """Replace transformed weights by their fake-quantized values (one way: evals run in this order)."""
+        if self.mode == "fake_quant":
+            return
+        for i, block in self.blocks.items():
+            self._fake_quant_inplace(block, i)
+        self.mode = "fake_quant"
+
+    # -- export ------------------------------------------------------------------------------------------
+    def state_for_export(self) -> Dict[str, torch.Tensor]:
+        """This worker's tensors under their HF names, on CPU."""
+        sd: Dict[str, torch.Tensor] = {}
+        for i, block in self.blocks.items():
+            for k, v in block.state_dict().items():
+                sd[f"{self.mspec.blocks}.{i}.{k}"] = v
+        if self.plan.first:
+            sd[f"{self.mspec.embed}.weight"] = self.embed.weight
+        if self.plan.last:
+            sd[f"{self.mspec.final_norm}.weight"] = self.norm.weight
+            if not getattr(self.config, "tie_word_embeddings", False):
+                sd[f"{self.mspec.lm_head}.weight"] = self.head.weight
+        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+    def write_shard(self, path: str) -> List[str]:
+        from safetensors.torch import save_file
+
+        sd = self.state_for_export()
+        save_file(sd, path, metadata={"format": "pt"})
+        return sorted(sd)
+
+    def qparams_for_export(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        return {f"{self.mspec.blocks}.{i}.{n}": {"scale": s.cpu(), "zero": z.cpu()}
+                for i, qp in self.qparams.items() for n, (s, z) in qp.items()}
+
+    def memory(self) -> Dict[str, int]:
+        if self.device.type == "cuda":
+            return {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(self.device))}
+        return {}
+
+
+def _small(info: Dict[str, Any]) -> Dict[str, Any]:
+    """Keep report payloads small and JSON-friendly (tensors become lists only when tiny)."""
+    out = {}
+    for k, v in info.items():
+        if isinstance(v, torch.Tensor):
+            v = v.tolist() if v.numel() <= 64 else f"tensor{tuple(v.shape)}"
+        out[k] = v
+    return out
