@@ -57,10 +57,13 @@ def gguf_to_hf(gguf: Path, cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     kw = dict(gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    # the weights are now plain fp: a leftover quantization_config would make loaders expect GGUF blocks
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    # the weights are now plain fp: rebuild the model without GGUF's quantization_config so it saves as HF
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.replace(out)

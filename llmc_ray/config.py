@@ -54,8 +54,6 @@ class CalibConfig:
         _require(self.name in CALIB_NAMES, f"calib.name={self.name!r}: use one of {CALIB_NAMES}")
         _require(self.n_samples > 0 and self.seq_len > 0 and self.bs > 0,
                  "calib.n_samples, calib.seq_len and calib.bs must be positive")
-        _require(self.name != "custom" or bool(self.path),
-                 "calib.name=custom needs calib.path (a .txt with one sample a line, a .jsonl, or a directory)")
 
 
 @dataclass
@@ -73,8 +71,6 @@ class EvalConfig:
         bad = [p for p in self.eval_pos if p not in EVAL_POSITIONS]
         _require(not bad, f"eval.eval_pos has {bad}: allowed positions are {EVAL_POSITIONS}")
         _require(self.seq_len > 1 and self.bs > 0, "eval.seq_len must be > 1 and eval.bs > 0")
-        _require(not self.eval_pos or self.name != "custom" or bool(self.path),
-                 "eval.name=custom needs eval.path (or set eval.eval_pos=[] to skip evaluation)")
 
 
 @dataclass

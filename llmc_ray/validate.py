@@ -63,6 +63,15 @@ def check_shapes(ckpt: Checkpoint, spec: ModelSpec, n_layers: int, qspec: QuantS
                           f"{dims[0]}, e.g. 64 or 32")
 
 
+def check_data_paths(cfg: RunConfig, needs_calib: bool) -> None:
+    """Cross-section checks (dataclass defaults cannot hold them: OmegaConf builds defaults first)."""
+    if needs_calib and cfg.calib.name == "custom" and not cfg.calib.path:
+        raise ConfigError("calib.name=custom needs calib.path (a .txt with one sample a line, a .jsonl, "
+                          "or a directory of .txt files)")
+    if cfg.eval.eval_pos and cfg.eval.name == "custom" and not cfg.eval.path:
+        raise ConfigError("eval.name=custom needs eval.path (or set eval.eval_pos=[] to skip evaluation)")
+
+
 def make_plan(cfg: RunConfig) -> Plan:
     model_dir = resolve_model_dir(cfg.model.path)
     ckpt = Checkpoint(model_dir)
@@ -72,6 +81,7 @@ def make_plan(cfg: RunConfig) -> Plan:
         raise ConfigError(f"{model_dir}/config.json has no model_type: set model.type")
     spec = get_spec(model_type)
     method, special = resolve(cfg.quant.method, cfg.quant.special)
+    check_data_paths(cfg, method.needs_calib)
     check_target(cfg, special)
     qspec = QuantSpec.from_config(cfg.quant.weight)
     n_layers = int(raw["num_hidden_layers"])

@@ -1,0 +1,36 @@
+"""Download llmc's perplexity datasets from the HF hub and `save_to_disk` them under <save_path>/<name>.
+
+For hosts without hub access: run this where the hub is reachable, copy the folder over, and set
+`eval.path=<save_path>/<name>`. Splits are the eval ones (wikitext2/ptb: test, c4: the first validation
+shard), the same as llmc's tools/download_eval_dataset.py. Keep calib and eval downloads in different
+save_paths: both use <name>/ folders.
+
+    python scripts/download_eval_dataset.py --dataset_name wikitext2 c4 --save_path ./eval_data
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling calib script holds the shared code
+
+from download_calib_dataset import download, hub_load_dataset, parse_args  # noqa: E402
+
+ROLE = "eval"
+NAMES = ("c4", "wikitext2", "ptb")
+
+
+def main(argv: Optional[Sequence[str]] = None, loader: Callable[..., Any] = hub_load_dataset) -> int:
+    """CLI entry; `loader` stands in for `datasets.load_dataset` (tests pass a local one)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv, NAMES, __doc__)
+    args.save_path.mkdir(parents=True, exist_ok=True)
+    for dest in download(args.dataset_name, args.save_path, ROLE, loader):
+        print(f"eval.path={dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
