@@ -1,0 +1,204 @@
+"""GPTQ: quantize a linear column by column, spreading each column's rounding error onto the columns not yet
+quantized through the inverse Hessian of the layer's reconstruction loss (H = 2/n X X^T).
+
+Follows the GPTQ paper and its reference (IST-DASLab/gptq `gptq.py`) as llmc does
+(`llmc/compression/quantization/gptq.py`): lazy batch updates of `blocksize` columns, damping
+percdamp * mean(diag H), dead inputs (diag H == 0) pinned to 1 with their weight columns zeroed, the upper
+Cholesky factor of H^-1, act-order (columns by diag H, descending) and static groups.
+The transformed weight is Q itself (dequantized, on the grid of the returned qparams).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from ..models.spec import Subset
+from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
+from .base import BlockContext, BlockResult, QParams, forward_pre_hooks, register
+
+
+@dataclass(frozen=True)
+class GptqSpecial:
+    blocksize: int = 128  # columns per lazy batch update
+    percdamp: float = 0.01  # damping, as a fraction of mean(diag H)
+    actorder: bool = False  # quantize columns in order of decreasing diag H
+    static_groups: bool = False  # per_group: all group qparams from the original W, before any update
+    true_sequential: bool = True  # capture each subset's input with the earlier subsets already quantized
+
+    def __post_init__(self) -> None:
+        if self.blocksize < 1:
+            raise ValueError(f"blocksize={self.blocksize} must be >= 1")
+        if not 0.0 <= self.percdamp:
+            raise ValueError(f"percdamp={self.percdamp} must be >= 0 (the reference uses 0.01)")
+
+
+# ---------------------------------------------------------------- Hessian statistics
+
+
+def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Running H = 2/n sum x x^T over all tokens, n counting samples (rows of x's batch dim) like the
+    reference; a 2-D x is one sample. Returns the new (H, n); H is updated in place."""
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    batch = x.shape[0]
+    x = x.reshape(-1, x.shape[-1]).t().float()
+    H.mul_(n / (n + batch))
+    n += batch
+    x = math.sqrt(2 / n) * x
+    H.add_(x @ x.t())
+    return H, n
+
+
+class HessianStats:
+    """H of one linear's input, fed micro-batch by micro-batch (no activations are kept)."""
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        self.H, self.n = accumulate_hessian(self.H, self.n, x.detach())
+
+
+# ---------------------------------------------------------------- the solver
+
+
+class GptqOutput(NamedTuple):
+    q: torch.Tensor  # [out, in] fp32, dequantized, original column order
+    scale: torch.Tensor  # [out, n_groups] ([1, 1] per_tensor); group k's columns are those with g_idx == k
+    zero: torch.Tensor
+    g_idx: torch.Tensor  # [in] long: the qparams group of each column (arange(in) // g unless act-order groups)
+    perm: Optional[torch.Tensor]  # act-order column order, or None
+    loss: float  # sum of (w - q)^2 / (2 d^2): the solver's estimate of the added loss
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H). H is damped in place."""
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    try:
+        L = torch.linalg.cholesky(H)
+    except torch.linalg.LinAlgError as e:
+        raise torch.linalg.LinAlgError(f"GPTQ: the damped Hessian is not positive definite ({e}); "
+                                       f"raise special.percdamp (now {percdamp})") from None
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def _col(qp: QParams, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One column's qparams as [rows] vectors ([out, 1] per row, or [1, 1] broadcast)."""
+    return qp[0].reshape(-1).expand(rows), qp[1].reshape(-1).expand(rows)
+
+
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+               actorder: bool = False, static_groups: bool = False) -> GptqOutput:
+    """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified)."""
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    rows, cols = W.shape
+    grouped = spec.granularity == "per_group"
+    gs = spec.group_size if grouped else cols
+    if cols % gs:
+        raise ValueError(f"group_size {gs} does not divide in_features {cols}")
+    col_spec = dataclasses.replace(spec, granularity="per_channel")  # qparams of a slice of columns
+
+    # per_channel/per_tensor: from the whole W before dead columns are zeroed (reference order)
+    qp: Optional[QParams] = None if grouped else compute_qparams(W, spec)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    static = [compute_qparams(W[:, c:c + gs], col_spec) for c in range(0, cols, gs)] \
+        if grouped and static_groups else None
+
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_cholesky(H, percdamp)
+
+    Q, losses = torch.zeros_like(W), torch.zeros_like(W)
+    found: List[QParams] = []  # dynamic group qparams, in sweep order
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if static is not None:
+                qp = static[int(perm[c] if perm is not None else c) // gs]
+            elif grouped and c % gs == 0:
+                # from W, which holds the updates of earlier lazy batches but not this batch's (W1): the
+                # reference's (and llmc's) choice, kept for identical results
+                qp = compute_qparams(W[:, c:c + gs], col_spec)
+                found.append(qp)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = fake_quant_columns(w.unsqueeze(1), *_col(qp, rows), spec).squeeze(1)
+            Q[:, c] = q
+            losses[:, c] = (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = torch.arange(cols, device=W.device) // gs
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        if grouped and static is None:
+            g_idx = invperm // gs  # group k holds the columns quantized k-th in act order
+    groups = static if static is not None else found
+    scale, zero = (torch.cat([s for s, _ in groups], 1), torch.cat([z for _, z in groups], 1)) if grouped else qp
+    return GptqOutput(Q, scale, zero, g_idx, perm, losses.sum().item())
+
+
+# ---------------------------------------------------------------- the block method
+
+
+def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset]) -> Dict[str, HessianStats]:
+    """One forward of the current block over all inputs, accumulating H at each subset's (shared) input."""
+    names = [s.layers[0] for s in subsets]
+    stats = {n: HessianStats(ctx.module(n).weight.shape[1], ctx.module(n).weight.device) for n in names}
+    with forward_pre_hooks({n: ctx.module(n) for n in names}, lambda n, args: stats[n].add_batch(args[0])):
+        with torch.no_grad():
+            for x in ctx.inputs:
+                ctx.forward(x)
+    return stats
+
+
+def quantize_subset(ctx: BlockContext, subset: Subset, H: torch.Tensor, sp: GptqSpecial,
+                    qparams: Dict[str, Optional[QParams]], losses: Dict[str, float]) -> None:
+    for name in subset.layers:
+        m = ctx.module(name)
+        out = gptq_solve(m.weight.data, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
+        m.weight.data = out.q.to(m.weight.dtype)
+        qparams[name] = None if act_order_groups(ctx.spec, sp) else (out.scale, out.zero)
+        losses[name] = out.loss
+
+
+def act_order_groups(spec: QuantSpec, sp: GptqSpecial) -> bool:
+    """Groups follow the act order, so they are not consecutive columns: no [out, n_groups] layout exists."""
+    return spec.granularity == "per_group" and sp.actorder and not sp.static_groups
+
+
+@register("GPTQ", GptqSpecial)
+@torch.no_grad()
+def gptq(ctx: BlockContext) -> BlockResult:
+    sp: GptqSpecial = ctx.special
+    qparams: Dict[str, Optional[QParams]] = {}
+    losses: Dict[str, float] = {}
+    if sp.true_sequential:
+        for subset in ctx.subsets:
+            stats = collect_hessians(ctx, [subset])
+            quantize_subset(ctx, subset, stats[subset.layers[0]].H, sp, qparams, losses)
+    else:
+        stats = collect_hessians(ctx, ctx.subsets)
+        for subset in ctx.subsets:
+            quantize_subset(ctx, subset, stats[subset.layers[0]].H, sp, qparams, losses)
+    info: Dict[str, object] = {"loss": losses, "act_order_groups": act_order_groups(ctx.spec, sp)}
+    if info["act_order_groups"]:
+        info["note"] = ("actorder without static_groups: group qparams follow the act order, so the weight "
+                        "(Q) is returned without qparams; RTN qparams recomputed from Q in consecutive groups "
+                        "may not reproduce Q exactly")
+    return BlockResult(qparams=qparams, info=info)
