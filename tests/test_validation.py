@@ -24,12 +24,20 @@ def cfg(tiny_dir, tmp_path, **sections):
     return base
 
 
-def fails(d, match):
-    import ray
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Validation must fail before Ray starts: starting it here is itself a failure."""
+    from llmc_ray.dist import cluster
 
+    def boom(*a, **k):
+        raise AssertionError("Ray was started before the config error was raised")
+
+    monkeypatch.setattr(cluster, "init_ray", boom)
+
+
+def fails(d, match):
     with pytest.raises(ConfigError, match=match):
         run(build(d))
-    assert not ray.is_initialized()  # nothing heavy started
 
 
 def test_missing_model_path(tiny_dir, tmp_path):
