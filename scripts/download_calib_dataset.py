@@ -62,14 +62,20 @@ def parse_args(argv: Optional[Sequence[str]], names: Sequence[str], doc: str) ->
     return parser.parse_args(argv)
 
 
+def run_cli(argv: Optional[Sequence[str]], names: Sequence[str], doc: str, role: str,
+            loader: Callable[..., Any]) -> int:
+    """The shared body of both download scripts: parse, download each name, print the config key to set."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv, names, doc)
+    args.save_path.mkdir(parents=True, exist_ok=True)
+    for dest in download(args.dataset_name, args.save_path, role, loader):
+        print(f"{role}.path={dest}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None, loader: Callable[..., Any] = hub_load_dataset) -> int:
     """CLI entry; `loader` stands in for `datasets.load_dataset` (tests pass a local one)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, NAMES, __doc__)
-    args.save_path.mkdir(parents=True, exist_ok=True)
-    for dest in download(args.dataset_name, args.save_path, ROLE, loader):
-        print(f"calib.path={dest}")
-    return 0
+    return run_cli(argv, NAMES, __doc__, ROLE, loader)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ save_paths: both use <name>/ folders.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling calib script holds the shared code
 
-from download_calib_dataset import download, hub_load_dataset, parse_args  # noqa: E402
+from download_calib_dataset import hub_load_dataset, run_cli  # noqa: E402
 
 ROLE = "eval"
 NAMES = ("c4", "wikitext2", "ptb")
@@ -24,12 +23,7 @@ NAMES = ("c4", "wikitext2", "ptb")
 
 def main(argv: Optional[Sequence[str]] = None, loader: Callable[..., Any] = hub_load_dataset) -> int:
     """CLI entry; `loader` stands in for `datasets.load_dataset` (tests pass a local one)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv, NAMES, __doc__)
-    args.save_path.mkdir(parents=True, exist_ok=True)
-    for dest in download(args.dataset_name, args.save_path, ROLE, loader):
-        print(f"eval.path={dest}")
-    return 0
+    return run_cli(argv, NAMES, __doc__, ROLE, loader)
 
 
 if __name__ == "__main__":
