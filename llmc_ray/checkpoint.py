@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from . import synthetic
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,10 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model_dir(path: str, cache_dir: Optional[Path] = None) -> Path:
-    """HF directory for `path`: itself, or the cached conversion of a .gguf file."""
+    """HF directory for `path`: itself, the cached conversion of a .gguf file, or a synthetic model's dir."""
+    syn = synthetic.parse(path)
+    if syn:
+        return synthetic.make_dir(*syn, cache_dir or default_cache_dir())
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError(f"model.path={path!r} does not exist: point it at an HF model directory or a .gguf file")
@@ -90,6 +94,11 @@ class Checkpoint:
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
         self.tensors: Dict[str, TensorInfo] = {}
+        self.synthetic = (self.dir / synthetic.MARKER).is_file()
+        if self.synthetic:  # shapes from the architecture; weights generated on demand
+            for name, shape in synthetic.tensor_shapes(self.config()).items():
+                self.tensors[name] = TensorInfo("<synthetic>", list(shape), "BF16")
+            return
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise ConfigError(f"{self.dir} holds no .safetensors files (only safetensors checkpoints are read)")
@@ -110,10 +119,15 @@ class Checkpoint:
     def bytes_under(self, prefix: str) -> int:
         return sum(t.nbytes for n, t in self.tensors.items() if n.startswith(prefix))
 
-    def load(self, names: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Read just these tensors (grouped by file; safe_open maps the file, it does not read it whole)."""
+    def load(self, names: Iterable[str], device: Optional[torch.device] = None,
+             dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
+        """Read just these tensors (grouped by file; safe_open maps the file, it does not read it whole).
+        `device`/`dtype` only steer synthetic weights, which are generated where they will live."""
         from safetensors import safe_open
 
+        if self.synthetic:
+            shapes = {n: tuple(t.shape) for n, t in self.tensors.items()}
+            return synthetic.load(names, shapes, dtype, device or torch.device("cpu"))
         by_file: Dict[str, List[str]] = {}
         for n in names:
             if n not in self.tensors:
@@ -126,10 +140,10 @@ class Checkpoint:
                     out[n] = fh.get_tensor(n)
         return out
 
-    def load_prefix(self, prefix: str) -> Dict[str, torch.Tensor]:
+    def load_prefix(self, prefix: str, **kw) -> Dict[str, torch.Tensor]:
         """Tensors under `prefix.`, keys relative to it."""
         names = [n for n in self.tensors if n.startswith(prefix + ".")]
-        return {n[len(prefix) + 1:]: t for n, t in self.load(names).items()}
+        return {n[len(prefix) + 1:]: t for n, t in self.load(names, **kw).items()}
 
 
 def _read_header(path: Path) -> dict:

@@ -16,6 +16,7 @@ EVAL_NAMES = ("custom", "wikitext2", "c4", "ptb")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 CALIB_ALGOS = ("minmax", "mse")
 TARGETS = ("none", "tpu_mlir")
+SCHEDULES = ("sequential", "parallel")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
@@ -112,9 +113,13 @@ class DistConfig:
     device: str = "cpu"
     address: Optional[str] = None  # an existing Ray cluster ("auto" or "ray://host:port"); None: start locally
     cpus_per_actor: int = 1
+    # sequential: llmc's order, block i calibrates on block i-1's processed output (actors take turns);
+    # parallel: one fp pass captures every block's inputs, then all actors calibrate at once
+    schedule: str = "sequential"
 
     def __post_init__(self) -> None:
         _require(self.actors >= 1, f"dist.actors={self.actors}: need at least one actor")
+        _require(self.schedule in SCHEDULES, f"dist.schedule={self.schedule!r}: use one of {SCHEDULES}")
         _require(self.device in ("cpu", "cuda"), f"dist.device={self.device!r}: use cpu or cuda")
 
 

@@ -38,6 +38,7 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
 
     from .data import load_calib_tokens, load_eval_tokens
     from .dist import cluster, schedule
+    from .synthetic import synthetic_tokens
 
     timer = Timer()
     t_start = time.perf_counter()
@@ -45,9 +46,14 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
     # everything that can fail on user input happens before Ray starts
     with timer("plan"):
         plan = make_plan(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(plan.ckpt.dir)
-        calib_ids = load_calib_tokens(cfg.calib, tokenizer) if plan.method.needs_calib else None
-        eval_ids = load_eval_tokens(cfg.eval, tokenizer) if cfg.eval.eval_pos else None
+        if plan.ckpt.synthetic:  # random weights: random tokens serve for timing, never for quality
+            tokenizer, vocab = None, plan.ckpt.raw_config()["vocab_size"]
+            calib_ids = synthetic_tokens(cfg.calib.n_samples, cfg.calib.seq_len, vocab, cfg.calib.seed)
+            eval_ids = synthetic_tokens(cfg.eval.num_samples or 8, cfg.eval.seq_len, vocab, cfg.calib.seed + 1)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(plan.ckpt.dir)
+            calib_ids = load_calib_tokens(cfg.calib, tokenizer) if plan.method.needs_calib else None
+            eval_ids = load_eval_tokens(cfg.eval, tokenizer) if cfg.eval.eval_pos else None
     out_dir.mkdir(parents=True, exist_ok=True)
     results: Dict[str, Any] = {"eval": {}, "timings_s": timer.timings, "blocks": [],
                                "config": asdict(cfg), "model_dir": str(plan.ckpt.dir)}
@@ -71,8 +77,9 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
         with timer("calibrate"):
             if plan.method.needs_calib:
                 job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out)
-                results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
-                                                                  plan.n_layers, progress)
+                calibrate = {"sequential": schedule.calibrate_sequential,
+                             "parallel": schedule.calibrate_parallel}[cfg.dist.schedule]
+                results["blocks"] = calibrate(group, calib_ids, cfg.calib.bs, job, plan.n_layers, progress)
             else:
                 group.call_all("rtn_all", plan.qspec)
         evaluate("transformed")

@@ -81,7 +81,8 @@ def make_plan(cfg: RunConfig) -> Plan:
         raise ConfigError(f"{model_dir}/config.json has no model_type: set model.type")
     spec = get_spec(model_type)
     method, special = resolve(cfg.quant.method, cfg.quant.special)
-    check_data_paths(cfg, method.needs_calib)
+    if not ckpt.synthetic:  # synthetic models calibrate and evaluate on random tokens
+        check_data_paths(cfg, method.needs_calib)
     check_target(cfg, special)
     qspec = QuantSpec.from_config(cfg.quant.weight)
     n_layers = int(raw["num_hidden_layers"])

@@ -52,6 +52,7 @@ class BlockWorker:
         self.plan = plan
         self.blocks: Dict[int, nn.Module] = {}
         self.qparams: Dict[int, Dict[str, Any]] = {}
+        self.stored: Dict[int, Acts] = {}  # parallel schedule: each block's captured fp inputs (host memory)
         self.spec: Optional[QuantSpec] = None
         self.mode = "pretrain"
 
@@ -68,19 +69,21 @@ class BlockWorker:
         dtype = TORCH_DTYPES[p.dtype]
         self.dtype = dtype
         meta = meta_model(self.config)
+        where = dict(device=self.device, dtype=dtype)
+
+        def build(name: str, module: nn.Module, state=None) -> nn.Module:
+            return materialize(module, state if state is not None else ckpt.load_prefix(name, **where),
+                               self.device, dtype, name)
+
         layers = meta.get_submodule(self.mspec.blocks)
         for i in p.blocks:
-            prefix = f"{self.mspec.blocks}.{i}"
-            self.blocks[i] = materialize(layers[i], ckpt.load_prefix(prefix), self.device, dtype, prefix)
+            self.blocks[i] = build(f"{self.mspec.blocks}.{i}", layers[i])
         if p.first:
-            self.embed = materialize(meta.get_submodule(self.mspec.embed), ckpt.load_prefix(self.mspec.embed),
-                                     self.device, dtype, self.mspec.embed)
+            self.embed = build(self.mspec.embed, meta.get_submodule(self.mspec.embed))
         if p.last:
-            self.norm = materialize(meta.get_submodule(self.mspec.final_norm),
-                                    ckpt.load_prefix(self.mspec.final_norm), self.device, dtype, self.mspec.final_norm)
-            head_state = ckpt.load_prefix(self.mspec.lm_head) or ckpt.load_prefix(self.mspec.embed)  # tied
-            self.head = materialize(meta.get_submodule(self.mspec.lm_head), head_state, self.device, dtype,
-                                    self.mspec.lm_head)
+            self.norm = build(self.mspec.final_norm, meta.get_submodule(self.mspec.final_norm))
+            head_state = ckpt.load_prefix(self.mspec.lm_head, **where) or ckpt.load_prefix(self.mspec.embed, **where)
+            self.head = build(self.mspec.lm_head, meta.get_submodule(self.mspec.lm_head), head_state)  # or tied
         rotary_cls = type(meta.get_submodule(self.mspec.rotary))
         self.rotary = rotary_cls(config=self.config).to(self.device)  # inv_freq computed on CPU, like HF
         self._kwargs_cache: Dict[int, Dict[str, Any]] = {}
@@ -147,7 +150,25 @@ class BlockWorker:
         return self._to_cpu(self.embed_tokens(ids, bs))
 
     def calibrate_block(self, index: int, acts: Optional[Acts], job: CalibJob) -> Tuple[Optional[Acts], Dict[str, Any]]:
-        """Transform block `index` on its captured inputs; return the next block's inputs and a report."""
+        """Sequential schedule: transform block `index` on its captured inputs; return the next block's inputs
+        (this block's transformed, or with quant_out fake-quantized, outputs) and a report."""
+        return self._calibrate(index, acts, job, propagate=acts is not None)
+
+    def capture(self, x: Any, bs: int = 1) -> Optional[Acts]:
+        """Parallel schedule, pass 1: keep every own block's fp inputs for this chunk of calibration data
+        (tokens on the first worker, activations elsewhere) and hand the outputs to the next worker."""
+        acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
+        for i in self.plan.blocks:
+            self.stored.setdefault(i, []).extend(self._to_cpu(acts))
+            acts = self._run_block(self.blocks[i], acts)
+        return None if self.plan.last else self._to_cpu(acts)
+
+    def calibrate_stored(self, index: int, job: CalibJob) -> Dict[str, Any]:
+        """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it."""
+        _, report = self._calibrate(index, self.stored.pop(index), job, propagate=False)
+        return report
+
+    def _calibrate(self, index: int, acts: Optional[Acts], job: CalibJob, propagate: bool):
         t0 = time.perf_counter()
         method, special = resolve(job.method, job.special)
         self.spec = job.spec
@@ -162,7 +183,7 @@ class BlockWorker:
             self.qparams[index] = self._fill_qparams(block, result.qparams)
             errors = self._weight_errors(block, index)
             out = None
-            if acts is not None:
+            if propagate:
                 src = self._fake_block(index) if job.quant_out else block
                 out = self._to_cpu(self._run_block(src, dev_acts))
         except Exception as e:  # add where it happened, keep the original type and traceback
@@ -241,9 +262,13 @@ class BlockWorker:
                 for i, qp in self.qparams.items() for n, (s, z) in qp.items()}
 
     def memory(self) -> Dict[str, int]:
+        """Peak host RSS of this actor's process, and peak GPU memory allocated by torch."""
+        import resource
+
+        out = {"rank": self.plan.rank, "host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if self.device.type == "cuda":
-            return {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(self.device))}
-        return {}
+            out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
 
 
 def _small(info: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 
 import pytest
@@ -32,3 +33,19 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
+
+
+WORDS = ("the union state of our nation people congress year government law war peace trade money work "
+         "freedom justice america world country time great new must will shall united president").split()
+
+
+def write_text(path, n_lines=120, words=60, seed=0):
+    rng = random.Random(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n_lines)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    return write_text(d / "calib.txt", seed=1), write_text(d / "eval.txt", seed=2)

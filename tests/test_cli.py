@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from test_e2e import write_text
+from conftest import write_text
 
 
 def test_cli_awq_run_writes_results_and_keeps_transformed_equivalent(tiny_dir, tmp_path):

@@ -2,31 +2,15 @@
 independent references: HF's own full-model forward, TPU-MLIR's re-quantization formula, and 1-vs-2 actors."""
 import json
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_text  # noqa: F401  (re-exported for other test modules)
 from llmc_ray.config import build
 from llmc_ray.run import run
-
-WORDS = ("the union state of our nation people congress year government law war peace trade money work "
-         "freedom justice america world country time great new must will shall united president").split()
-
-
-def write_text(path, n_lines=120, words=60, seed=0):
-    rng = random.Random(seed)
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n_lines)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def texts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    return write_text(d / "calib.txt", seed=1), write_text(d / "eval.txt", seed=2)
-
 
 def make_cfg(model_dir, texts, out, method="RTN", actors=1, special=None, eval_pos=("pretrain", "transformed",
              "fake_quant"), **weight):

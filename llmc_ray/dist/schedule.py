@@ -62,6 +62,36 @@ def calibrate_sequential(group: ActorGroup, calib_ids: torch.Tensor, bs: int, jo
     return reports
 
 
+def capture_all(group: ActorGroup, calib_ids: torch.Tensor, bs: int, chunk_samples: int) -> None:
+    """Parallel schedule, pass 1: one pipelined fp pass; every actor keeps its blocks' inputs. Chunks of
+    calibration samples are submitted at once, so actor k captures chunk c while actor k+1 takes chunk c-1."""
+    done = []
+    for start in range(0, calib_ids.shape[0], chunk_samples):
+        x: Any = ray.put(calib_ids[start:start + chunk_samples])
+        for actor in group.actors:
+            x = actor.capture.remote(x, bs)
+        done.append(x)
+    ray.get(done)
+
+
+def calibrate_parallel(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
+                       progress: bool = True) -> List[Dict[str, Any]]:
+    """Every block calibrates on the fp outputs of the unquantized blocks before it, so all actors work at
+    once (each runs its own blocks in order). Differs from llmc's sequential semantics: see README."""
+    capture_all(group, calib_ids, bs, chunk_samples=max(bs, calib_ids.shape[0] // (2 * len(group.actors))))
+    refs = {group.owner[i].calibrate_stored.remote(i, job): i for i in range(n_blocks)}
+    reports = []
+    with _progress(n_blocks, f"calibrate {job.method} (parallel)", progress) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            rep = ray.get(done[0])
+            reports.append(rep)
+            bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}")
+            bar.update(1)
+    return sorted(reports, key=lambda r: r["block"])
+
+
 def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_config: Dict[str, Any] = None,
               dtype: str = "float32") -> Path:
     """Each actor writes its own shard; the driver writes index + config + tokenizer; then one atomic
@@ -85,7 +115,8 @@ def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if (src_dir / "generation_config.json").is_file():
         shutil.copy(src_dir / "generation_config.json", tmp / "generation_config.json")
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:  # synthetic models have none
+        tokenizer.save_pretrained(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)

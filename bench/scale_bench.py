@@ -1,0 +1,75 @@
+"""Scale benchmark on synthetic full-width models (seeded random weights: timings and memory only, never PPL).
+
+    python bench/scale_bench.py OUT_DIR CASE [CASE ...]
+    CASE = arch:layers:method:schedule:actors[:calib_bs]   e.g. qwen2-7b:4:Awq:parallel:2:16
+           method RTN runs eval only (32 windows of 2048 tokens, 4 per batch) and measures the eval pipeline.
+
+Each case is one `llmc_ray.run.run` in this process (Ray started once); prints one table row per case and
+appends the full results to OUT_DIR/scale.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from llmc_ray.config import build
+from llmc_ray.run import run
+
+QUANT = {"Awq": {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": True},
+         "GPTQ": {"blocksize": 128, "percdamp": 0.01, "actorder": False, "static_groups": False,
+                  "true_sequential": True},
+         "RTN": {}}
+
+
+def case_config(case: str, out: Path):
+    arch, layers, method, schedule, actors, *rest = case.split(":")
+    calib_bs = int(rest[0]) if rest else 16
+    eval_only = method == "RTN"
+    return build({
+        "model": {"path": f"synthetic:{arch}:{layers}", "torch_dtype": "bfloat16"},
+        "calib": {"n_samples": 128, "seq_len": 512, "bs": calib_bs},
+        "eval": {"seq_len": 2048, "bs": 4, "num_samples": 32 if eval_only else 4,
+                 "eval_pos": ["pretrain"] if eval_only else []},
+        "quant": {"method": method, "weight": {"bit": 4, "group_size": 128}, "special": QUANT[method],
+                  "quant_out": not eval_only},
+        "save": {"save_path": str(out / case.replace(":", "_"))},
+        "dist": {"actors": int(actors), "device": "cuda", "cpus_per_actor": 4, "schedule": schedule},
+        "run": {"progress": False},
+    })
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in sys.argv[2:]:
+        t0 = time.perf_counter()
+        res = run(case_config(case, out))
+        wall = time.perf_counter() - t0
+        t = res["timings_s"]
+        blocks = res["blocks"]
+        per_block = sorted(b["seconds"] for b in blocks)
+        gpu = max((m.get("gpu_peak_bytes", 0) for m in res["memory"]), default=0) / 2**30
+        host = max((m.get("host_peak_bytes", 0) for m in res["memory"]), default=0) / 2**30
+        row = {"case": case, "wall_s": round(wall, 1), "load_s": t.get("load"), "calibrate_s": t.get("calibrate"),
+               "eval_s": t.get("eval_pretrain"),
+               "block_median_s": round(per_block[len(per_block) // 2], 2) if per_block else None,
+               "gpu_peak_gib_max_actor": round(gpu, 1), "actor_host_peak_gib": round(host, 1),
+               "driver_host_peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1)}
+        rows.append(row)
+        with open(out / "scale.jsonl", "a") as fh:
+            fh.write(json.dumps({**row, "results": res}, default=str) + "\n")
+        print(json.dumps(row), flush=True)
+    print("\n| case | wall s | load s | calibrate s | eval s | block median s | GPU peak GiB | actor host GiB | driver host GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['wall_s']} | {r['load_s']} | {r['calibrate_s']} | {r['eval_s']} | "
+              f"{r['block_median_s']} | {r['gpu_peak_gib_max_actor']} | {r['actor_host_peak_gib']} | "
+              f"{r['driver_host_peak_gib']} |")
+
+
+if __name__ == "__main__":
+    main()
