@@ -73,7 +73,11 @@ class GptqOutput(NamedTuple):
     zero: torch.Tensor
     g_idx: torch.Tensor  # [in] long: the qparams group of each column (arange(in) // g unless act-order groups)
     perm: Optional[torch.Tensor]  # act-order column order, or None
-    loss: float  # sum of (w - q)^2 / (2 d^2): the solver's estimate of the added loss
+    row_loss: torch.Tensor  # [out]: per row, sum of (w - q)^2 / (2 d^2), the solver's estimate of the added loss
+
+    @property
+    def loss(self) -> float:
+        return self.row_loss.sum().item()
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -150,7 +154,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
             g_idx = invperm // gs  # group k holds the columns quantized k-th in act order
     groups = static if static is not None else found
     scale, zero = (torch.cat([s for s, _ in groups], 1), torch.cat([z for _, z in groups], 1)) if grouped else qp
-    return GptqOutput(Q, scale, zero, g_idx, perm, losses.sum().item())
+    return GptqOutput(Q, scale, zero, g_idx, perm, losses.sum(1))
 
 
 # ---------------------------------------------------------------- the block method
@@ -169,12 +173,22 @@ def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset]) -> Dict[str, 
 
 def quantize_subset(ctx: BlockContext, subset: Subset, H: torch.Tensor, sp: GptqSpecial,
                     qparams: Dict[str, Optional[QParams]], losses: Dict[str, float]) -> None:
-    for name in subset.layers:
-        m = ctx.module(name)
-        out = gptq_solve(m.weight.data, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
-        m.weight.data = out.q.to(m.weight.dtype)
-        qparams[name] = None if act_order_groups(ctx.spec, sp) else (out.scale, out.zero)
-        losses[name] = out.loss
+    """Layers of a subset share H, and GPTQ treats rows independently given H, so their rows are stacked and
+    solved in one column sweep (q/k/v: one sweep instead of three; the sweep is launch-bound). per_tensor
+    qparams span a whole layer, so those layers are solved one by one."""
+    names = list(subset.layers)
+    batches = [[n] for n in names] if ctx.spec.granularity == "per_tensor" else [names]
+    for batch in batches:
+        W = torch.cat([ctx.module(n).weight.data for n in batch])
+        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
+        r0 = 0
+        for n in batch:
+            m = ctx.module(n)
+            rows = slice(r0, r0 + m.weight.shape[0])
+            m.weight.data = out.q[rows].to(m.weight.dtype)
+            qparams[n] = None if act_order_groups(ctx.spec, sp) else (out.scale[rows], out.zero[rows])
+            losses[n] = out.row_loss[rows].sum().item()
+            r0 = rows.stop
 
 
 def act_order_groups(spec: QuantSpec, sp: GptqSpecial) -> bool:
