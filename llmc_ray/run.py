@@ -7,9 +7,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from .config import RunConfig
+from .report import write_report
 from .validate import make_plan
 from .worker import CalibJob
 
@@ -33,7 +34,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def finished_results(cfg: RunConfig) -> Optional[Dict[str, Any]]:
+    """A finished results.json in save_path with this very config (a relaunched sweep point), else None."""
+    path = Path(cfg.save.save_path) / "results.json"
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    # "total" is written only at the very end: a run that died after an eval left a partial file
+    if "total" not in prev.get("timings_s", {}) or prev.get("config") != json.loads(json.dumps(asdict(cfg))):
+        return None
+    saved = {"transformed_model": cfg.save.save_trans, "fake_quant_model": cfg.save.save_fake}
+    if not all((path.parent / d / "config.json").is_file() for d, on in saved.items() if on):
+        return None
+    log.info("reused finished run: %s has the same config, nothing to do", path)
+    return prev
+
+
 def run(cfg: RunConfig) -> Dict[str, Any]:
+    if (done := finished_results(cfg)) is not None:
+        return done
     from transformers import AutoTokenizer
 
     from .data import load_calib_tokens, load_eval_tokens
@@ -97,6 +117,7 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
         group.shutdown()
     timer.timings["total"] = round(time.perf_counter() - t_start, 3)
     write_json_atomic(out_dir / "results.json", results)
+    write_report(results, out_dir)
     return results
 
 

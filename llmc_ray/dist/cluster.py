@@ -17,15 +17,29 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(dist: DistConfig) -> None:
-    if ray.is_initialized():
+    if ray.is_initialized():  # later jobs of a multirun (one process), tests: reuse this process's Ray
         return
     # Ray's own start-up chatter stays out of the user's console; actors' errors still surface via exceptions
     kw: Dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                               configure_logging=True)
-    if dist.address:
-        ray.init(address=dist.address, **kw)
+    if dist.address or os.environ.get("RAY_ADDRESS"):
+        # an existing cluster: dist.address, or RAY_ADDRESS as a Ray Job's driver has it; the cluster's auth rules
+        ray.init(address=dist.address or None, **kw)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, dist.actors * dist.cpus_per_actor), **kw)
+        # A new local Ray turns token auth on by default and warns about it on every start ("Token
+        # authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out"). Choosing
+        # that same mode explicitly (RAY_AUTH_MODE=token) keeps the behaviour and drops the warning; a user's
+        # own RAY_AUTH_MODE wins. Ray caches the mode at import, so the env var alone comes too late here:
+        # Ray's own switch sets it and refreshes the cache (what ray.init does itself, minus the warning).
+        if "RAY_AUTH_MODE" not in os.environ:
+            try:
+                from ray._private.authentication.authentication_token_setup import _enable_token_auth
+            except ImportError:  # a Ray without token auth: nothing to silence
+                pass
+            else:
+                _enable_token_auth()
+        # "local": start our own, never attach to another `ray start` cluster found in /tmp/ray by chance
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, dist.actors * dist.cpus_per_actor), **kw)
 
 
 def plan_workers(ckpt: Checkpoint, spec, n_layers: int, dist: DistConfig, model_type: str,

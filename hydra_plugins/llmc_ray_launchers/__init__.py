@@ -1,0 +1,1 @@
+"""Hydra finds plugins in the `hydra_plugins` namespace package: this one adds `hydra/launcher=ray_jobs`."""
