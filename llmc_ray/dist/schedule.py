@@ -18,7 +18,8 @@ from .cluster import ActorGroup
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+    # disable=None: tqdm stays quiet when stderr is not a terminal (CI, log files), shows bars otherwise
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
 def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, progress: bool = True) -> float:
