@@ -17,6 +17,7 @@ log = logging.getLogger("llmc_ray")
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from .dist.schedule import ActorLost
     from .run import format_table, run
 
     try:
@@ -27,6 +28,9 @@ def main(cfg: DictConfig) -> None:
             raise  # Hydra records this sweep point as failed and goes on with the others
         print(f"llmc_ray: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ActorLost as e:  # what was finished is on disk; say how to go on
+        print(f"llmc_ray: {e}", file=sys.stderr)
+        sys.exit(3)
     print(format_table(results))
     print(f"results: {rc.save.save_path}/results.json")
 

@@ -105,6 +105,9 @@ class SaveConfig:
     save_trans: bool = False
     save_fake: bool = False
     save_path: str = "./save"
+    # sequential calibration writes each finished block (transformed weights + qparams) under
+    # <save_path>/checkpoints/; a relaunch with the same settings resumes after the last finished block
+    resume: bool = True
 
 
 @dataclass

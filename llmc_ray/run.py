@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .config import RunConfig
 from .report import write_report
 from .validate import make_plan
-from .worker import CalibJob
+from .worker import CalibJob, block_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,37 @@ def finished_results(cfg: RunConfig) -> Optional[Dict[str, Any]]:
         return None
     log.info("reused finished run: %s has the same config, nothing to do", path)
     return prev
+
+
+CHECKPOINTS = "checkpoints"
+
+
+def calibration_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
+    """What decides the calibrated blocks (not eval, save or the actor count: N actors give identical blocks)."""
+    d = asdict(cfg)
+    return json.loads(json.dumps({"model": d["model"], "calib": d["calib"], "quant": d["quant"],
+                                  "target": d["run"]["target"]}))
+
+
+def block_checkpoints(cfg: RunConfig, out_dir: Path, n_blocks: int) -> Tuple[Optional[Path], int]:
+    """The checkpoint dir for this run and how many leading blocks an earlier run already finished there.
+    Checkpoints made with other settings are discarded."""
+    if not cfg.save.resume:
+        return None, 0
+    ckpt_dir = out_dir / CHECKPOINTS
+    fp_file = ckpt_dir / "fingerprint.json"
+    fingerprint = calibration_fingerprint(cfg)
+    if ckpt_dir.exists() and (not fp_file.is_file() or json.loads(fp_file.read_text()) != fingerprint):
+        log.warning("discarding block checkpoints in %s: they were made with other settings", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(fp_file, fingerprint)
+    done = 0
+    while done < n_blocks and block_checkpoint(ckpt_dir, done).is_file():
+        done += 1
+    if done:
+        log.info("resuming: blocks 0..%d were finished by an earlier run (%s)", done - 1, ckpt_dir)
+    return ckpt_dir, done
 
 
 def run(cfg: RunConfig) -> Dict[str, Any]:
@@ -95,11 +127,16 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
     try:
         evaluate("pretrain")
         with timer("calibrate"):
-            if plan.method.needs_calib:
+            if plan.method.needs_calib and cfg.dist.schedule == "sequential":
+                ckpt_dir, done = block_checkpoints(cfg, out_dir, plan.n_layers)
+                job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out,
+                               str(ckpt_dir) if ckpt_dir else None)
+                results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
+                                                                  plan.n_layers, progress, done=done)
+            elif plan.method.needs_calib:
                 job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out)
-                calibrate = {"sequential": schedule.calibrate_sequential,
-                             "parallel": schedule.calibrate_parallel}[cfg.dist.schedule]
-                results["blocks"] = calibrate(group, calib_ids, cfg.calib.bs, job, plan.n_layers, progress)
+                results["blocks"] = schedule.calibrate_parallel(group, calib_ids, cfg.calib.bs, job,
+                                                                plan.n_layers, progress)
             else:
                 group.call_all("rtn_all", plan.qspec)
         evaluate("transformed")
@@ -117,6 +154,7 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
         group.shutdown()
     timer.timings["total"] = round(time.perf_counter() - t_start, 3)
     write_json_atomic(out_dir / "results.json", results)
+    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # finished: results.json now answers a relaunch
     write_report(results, out_dir)
     return results
 

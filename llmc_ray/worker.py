@@ -6,7 +6,9 @@ Activations travel between workers as a list of CPU tensors [bs, seq, hidden] (o
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ class CalibJob:
     special: Dict[str, Any]
     spec: QuantSpec
     quant_out: bool
+    checkpoint_dir: Optional[str] = None  # where each finished block is saved (None: not saved)
 
 
 class BlockWorker:
@@ -169,6 +172,8 @@ class BlockWorker:
         return report
 
     def _calibrate(self, index: int, acts: Optional[Acts], job: CalibJob, propagate: bool):
+        if os.environ.get("LLMC_RAY_CRASH_AT_BLOCK") == str(index):
+            os._exit(1)  # fault injection for the resume tests: dies like an OOM-killed actor
         t0 = time.perf_counter()
         method, special = resolve(job.method, job.special)
         self.spec = job.spec
@@ -191,7 +196,42 @@ class BlockWorker:
         self.mode = "transformed"
         report = {"block": index, "rank": self.plan.rank, "seconds": time.perf_counter() - t0,
                   "weight_rel_err": errors, "info": _small(result.info)}
+        if job.checkpoint_dir:
+            self._save_block(index, report, Path(job.checkpoint_dir))
         return out, report
+
+    def _save_block(self, index: int, report: Dict[str, Any], ckpt_dir: Path) -> None:
+        """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in self.blocks[index].state_dict().items()}
+        for name, (scale, zero) in self.qparams[index].items():
+            tensors[f"scale.{name}"] = scale.cpu().contiguous()
+            tensors[f"zero.{name}"] = zero.cpu().contiguous()
+        final = block_checkpoint(ckpt_dir, index)
+        tmp = final.with_name(final.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"report": json.dumps(report)})
+        tmp.replace(final)
+
+    def restore_block(self, index: int, acts: Optional[Acts], job: CalibJob) -> Tuple[Optional[Acts], Dict[str, Any]]:
+        """Resume: load a block finished by an earlier run instead of calibrating it, then hand on the same
+        outputs the original run handed on (transformed or, with quant_out, fake-quantized)."""
+        from safetensors import safe_open
+
+        path = block_checkpoint(Path(job.checkpoint_dir), index)
+        with safe_open(str(path), framework="pt") as fh:
+            report = json.loads(fh.metadata()["report"])
+            t = {k: fh.get_tensor(k).to(self.device) for k in fh.keys()}
+        block = self.blocks[index]
+        block.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("w.")})
+        self.spec = job.spec
+        self.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in self.mspec.linears}
+        self.mode = "transformed"
+        out = None
+        if acts is not None:
+            src = self._fake_block(index) if job.quant_out else block
+            out = self._to_cpu(self._run_block(src, self._to_dev(acts)))
+        return out, {**report, "resumed": True}
 
     def _fill_qparams(self, block: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
         out = {}
@@ -269,6 +309,10 @@ class BlockWorker:
         if self.device.type == "cuda":
             out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
+
+
+def block_checkpoint(ckpt_dir: Path, index: int) -> Path:
+    return ckpt_dir / f"block_{index:05d}.safetensors"
 
 
 def _small(info: Dict[str, Any]) -> Dict[str, Any]:

@@ -7,12 +7,16 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import ray
 import torch
 
 from .cluster import ActorGroup
+
+
+class ActorLost(RuntimeError):
+    """An actor died mid-run (killed, out of memory); finished blocks are checkpointed for a relaunch."""
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -45,19 +49,25 @@ def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, pro
 
 
 def calibrate_sequential(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
-                         progress: bool = True, on_report: Callable[[Dict[str, Any]], None] = lambda r: None
-                         ) -> List[Dict[str, Any]]:
+                         progress: bool = True, done: int = 0) -> List[Dict[str, Any]]:
     """llmc's order: block i calibrates on block i-1's (transformed or fake-quant) outputs. The activations
-    ref hops from block to block and actor to actor; the driver waits only for each block's report."""
+    ref hops from block to block and actor to actor; the driver waits only for each block's report.
+    Blocks below `done` were finished by an earlier run: they are restored from their checkpoints."""
     acts = group.first.calib_inputs.remote(ray.put(calib_ids), bs)
     reports = []
     with _progress(n_blocks, f"calibrate {job.method}", progress) as bar:
         for i in range(n_blocks):
             actor = group.owner[i]
-            acts, rep_ref = actor.calibrate_block.options(num_returns=2).remote(i, acts, job)
-            rep = ray.get(rep_ref)
+            step = actor.restore_block if i < done else actor.calibrate_block
+            acts, rep_ref = step.options(num_returns=2).remote(i, acts, job)
+            try:
+                rep = ray.get(rep_ref)
+            except ray.exceptions.RayActorError as e:
+                where = f"; blocks 0..{i - 1} are saved in {job.checkpoint_dir}" if job.checkpoint_dir and i else ""
+                rank = next(p.rank for p in group.plans if i in p.blocks)
+                raise ActorLost(f"actor {rank} died while calibrating block {i}{where}: relaunch the same "
+                                   f"command to resume ({type(e).__name__})") from None
             reports.append(rep)
-            on_report(rep)
             bar.set_postfix_str(f"block {i} on actor {rep['rank']}")
             bar.update(1)
     return reports
