@@ -127,16 +127,17 @@ def run(cfg: RunConfig) -> Dict[str, Any]:
     try:
         evaluate("pretrain")
         with timer("calibrate"):
-            if plan.method.needs_calib and cfg.dist.schedule == "sequential":
-                ckpt_dir, done = block_checkpoints(cfg, out_dir, plan.n_layers)
+            if plan.method.needs_calib:
+                sequential = cfg.dist.schedule == "sequential"  # only llmc's order checkpoints blocks (for now)
+                ckpt_dir, done = block_checkpoints(cfg, out_dir, plan.n_layers) if sequential else (None, 0)
                 job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out,
                                str(ckpt_dir) if ckpt_dir else None)
-                results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
-                                                                  plan.n_layers, progress, done=done)
-            elif plan.method.needs_calib:
-                job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out)
-                results["blocks"] = schedule.calibrate_parallel(group, calib_ids, cfg.calib.bs, job,
-                                                                plan.n_layers, progress)
+                if sequential:
+                    results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
+                                                                      plan.n_layers, progress, done=done)
+                else:
+                    results["blocks"] = schedule.calibrate_parallel(group, calib_ids, cfg.calib.bs, job,
+                                                                    plan.n_layers, progress)
             else:
                 group.call_all("rtn_all", plan.qspec)
         evaluate("transformed")

@@ -187,10 +187,7 @@ class BlockWorker:
                 result = method.fn(ctx)
             self.qparams[index] = self._fill_qparams(block, result.qparams)
             errors = self._weight_errors(block, index)
-            out = None
-            if propagate:
-                src = self._fake_block(index) if job.quant_out else block
-                out = self._to_cpu(self._run_block(src, dev_acts))
+            out = self._propagate(index, dev_acts, job.quant_out) if propagate else None
         except Exception as e:  # add where it happened, keep the original type and traceback
             raise type(e)(f"block {index} ({job.method}): {e}") from e
         self.mode = "transformed"
@@ -227,11 +224,13 @@ class BlockWorker:
         self.spec = job.spec
         self.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in self.mspec.linears}
         self.mode = "transformed"
-        out = None
-        if acts is not None:
-            src = self._fake_block(index) if job.quant_out else block
-            out = self._to_cpu(self._run_block(src, self._to_dev(acts)))
+        out = self._propagate(index, self._to_dev(acts), job.quant_out) if acts is not None else None
         return out, {**report, "resumed": True}
+
+    def _propagate(self, index: int, dev_acts: Acts, quant_out: bool) -> Acts:
+        """The next block's inputs: this block's output, fake-quantized first when quant_out (llmc)."""
+        src = self._fake_block(index) if quant_out else self.blocks[index]
+        return self._to_cpu(self._run_block(src, dev_acts))
 
     def _fill_qparams(self, block: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
         out = {}
