@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import ray
 

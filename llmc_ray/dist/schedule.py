@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import ray
 import torch
@@ -26,6 +26,22 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
+def gather(refs: List[Any], desc: str, progress: bool,
+           on_result: Callable[[Any, Any], None] = lambda bar, r: None) -> List[Any]:
+    """Results of `refs`, in the order of `refs` (so float sums over them are reproducible), with one progress
+    tick as each completes (the driver only gets small results)."""
+    position = {ref: i for i, ref in enumerate(refs)}
+    out: List[Any] = [None] * len(refs)
+    with _progress(len(refs), desc, progress) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            out[position[done[0]]] = ray.get(done[0])
+            on_result(bar, out[position[done[0]]])
+            bar.update(1)
+    return out
+
+
 def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, progress: bool = True) -> float:
     """Every eval batch is submitted up front: Ray runs each actor's calls in order, so actor k works on
     batch b while actor k+1 works on batch b-1 (a pipeline with no extra scheduling code)."""
@@ -36,16 +52,8 @@ def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, pro
         for actor in group.actors:
             x = actor.stage.remote(x, ids, bs)
         results.append(x)
-    total, count = 0.0, 0
-    with _progress(len(results), desc, progress) as bar:
-        pending = list(results)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-        for nll, n in ray.get(results):
-            total += nll
-            count += n
-    return math.exp(total / count)
+    sums = gather(results, desc, progress)
+    return math.exp(sum(nll for nll, _ in sums) / sum(n for _, n in sums))
 
 
 def calibrate_sequential(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
@@ -90,17 +98,10 @@ def calibrate_parallel(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job,
     """Every block calibrates on the fp outputs of the unquantized blocks before it, so all actors work at
     once (each runs its own blocks in order). Differs from llmc's sequential semantics: see README."""
     capture_all(group, calib_ids, bs, chunk_samples=max(bs, calib_ids.shape[0] // (2 * len(group.actors))))
-    refs = {group.owner[i].calibrate_stored.remote(i, job): i for i in range(n_blocks)}
-    reports = []
-    with _progress(n_blocks, f"calibrate {job.method} (parallel)", progress) as bar:
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            rep = ray.get(done[0])
-            reports.append(rep)
-            bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}")
-            bar.update(1)
-    return sorted(reports, key=lambda r: r["block"])
+    refs = [group.owner[i].calibrate_stored.remote(i, job) for i in range(n_blocks)]
+    reports = gather(refs, f"calibrate {job.method} (parallel)", progress,
+                     lambda bar, rep: bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}"))
+    return reports  # block order: refs were submitted block by block
 
 
 def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_config: Dict[str, Any] = None,
