@@ -6,14 +6,14 @@ import logging
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .report import write_report
 from .validate import make_plan
-from .worker import CalibJob, block_checkpoint
+from .worker import CalibJob, block_checkpoint, block_ranges
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,11 @@ def calibration_fingerprint(cfg: RunConfig) -> Dict[str, Any]:
                                   "target": d["run"]["target"]}))
 
 
-def block_checkpoints(cfg: RunConfig, out_dir: Path, n_blocks: int) -> Tuple[Optional[Path], int]:
-    """The checkpoint dir for this run and how many leading blocks an earlier run already finished there.
-    Checkpoints made with other settings are discarded."""
+def block_checkpoints(cfg: RunConfig, out_dir: Path, n_blocks: int) -> Tuple[Optional[Path], Set[int]]:
+    """The checkpoint dir for this run and the blocks an earlier run already finished there. Checkpoints made
+    with other settings are discarded."""
     if not cfg.save.resume:
-        return None, 0
+        return None, set()
     ckpt_dir = out_dir / CHECKPOINTS
     fp_file = ckpt_dir / "fingerprint.json"
     fingerprint = calibration_fingerprint(cfg)
@@ -75,89 +75,213 @@ def block_checkpoints(cfg: RunConfig, out_dir: Path, n_blocks: int) -> Tuple[Opt
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(fp_file, fingerprint)
-    done = 0
-    while done < n_blocks and block_checkpoint(ckpt_dir, done).is_file():
-        done += 1
-    if done:
-        log.info("resuming: blocks 0..%d were finished by an earlier run (%s)", done - 1, ckpt_dir)
-    return ckpt_dir, done
+    finished = {i for i in range(n_blocks) if block_checkpoint(ckpt_dir, i).is_file()}
+    if finished:
+        log.info("resuming: blocks %s were finished by an earlier run (%s)", block_ranges(finished), ckpt_dir)
+    return ckpt_dir, finished
+
+
+def leading(finished: Set[int]) -> int:
+    """How many blocks from block 0 on are finished (the sequential schedule resumes after them)."""
+    n = 0
+    while n in finished:
+        n += 1
+    return n
+
+
+# sections every point of a pipelined sweep shares: one loaded model, one eval set, one actor chain
+SHARED_SECTIONS = ("model", "eval", "dist")
+
+
+def check_shared(cfgs: Sequence[RunConfig]) -> None:
+    """Points of one pipelined sweep may differ only in quant, save, run (and calib, when sequential)."""
+    first = asdict(cfgs[0])
+    for k, cfg in enumerate(cfgs[1:], 1):
+        d = asdict(cfg)
+        sections = SHARED_SECTIONS + (("calib",) if cfg.dist.schedule == "parallel" else ())
+        diff = [f"{sec}.{key}" for sec in sections for key in first[sec] if first[sec][key] != d[sec][key]]
+        if diff:
+            raise ConfigError(f"sweep point {k} differs from point 0 in {', '.join(diff)}: the points of a "
+                              f"pipelined sweep share one loaded model, eval set and actor chain (and, with "
+                              f"dist.schedule=parallel, one calibration capture); sweep these keys with the "
+                              f"default launcher instead")
+
+
+@dataclass
+class Point:
+    """One configuration of a run or of a pipelined sweep, and what became of it."""
+    cfg: RunConfig
+    variant: int = 0  # its copy of the blocks on every actor
+    plan: Any = None
+    results: Dict[str, Any] = field(default_factory=dict)
+    error: Optional[BaseException] = None
+    calib_ids: Any = None
+    timer: Timer = field(default_factory=Timer)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.save.save_path)
 
 
 def run(cfg: RunConfig) -> Dict[str, Any]:
-    if (done := finished_results(cfg)) is not None:
-        return done
+    out = run_many([cfg])[0]
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def run_many(cfgs: Sequence[RunConfig]) -> List[Any]:
+    """Run several configurations on one set of loaded actors (a pipelined sweep; one config is a plain run).
+    Returns, per config, its results dict or the exception that stopped it (the others go on)."""
+    outcome: List[Any] = [finished_results(cfg) for cfg in cfgs]
+    todo = [k for k, o in enumerate(outcome) if o is None]
+    if todo:
+        check_shared([cfgs[k] for k in todo])
+        points = [Point(cfgs[k]) for k in todo]
+        _run_points(points)
+        for k, pt in zip(todo, points):
+            outcome[k] = pt.error if pt.error is not None else pt.results
+    return outcome
+
+
+def _fail(pt: Point, e: BaseException) -> None:
+    log.error("sweep point %s failed: %s", pt.out_dir, e)
+    pt.error = e
+
+
+def _run_points(points: List[Point]) -> None:
     from transformers import AutoTokenizer
 
     from .data import load_calib_tokens, load_eval_tokens
     from .dist import cluster, schedule
     from .synthetic import synthetic_tokens
 
-    timer = Timer()
+    timer = Timer()  # shared stages; each point adds its own saves
     t_start = time.perf_counter()
-    out_dir = Path(cfg.save.save_path)
     # everything that can fail on user input happens before Ray starts
     with timer("plan"):
-        plan = make_plan(cfg)
-        if plan.ckpt.synthetic:  # random weights: random tokens serve for timing, never for quality
-            tokenizer, vocab = None, plan.ckpt.raw_config()["vocab_size"]
-            calib_ids = synthetic_tokens(cfg.calib.n_samples, cfg.calib.seq_len, vocab, cfg.calib.seed)
-            eval_ids = synthetic_tokens(cfg.eval.num_samples or 8, cfg.eval.seq_len, vocab, cfg.calib.seed + 1)
+        for pt in points:
+            try:
+                pt.plan = make_plan(pt.cfg)
+            except ConfigError as e:
+                _fail(pt, e)
+        live = [pt for pt in points if pt.error is None]
+        if not live:
+            return
+        # RTN points first: their blocks are copied before any calibration changes the loaded ones in place
+        for v, pt in enumerate(sorted(live, key=lambda pt: pt.plan.method.needs_calib)):
+            pt.variant = v
+        cfg0, plan0 = live[0].cfg, live[0].plan
+        calib_of: Dict[str, Any] = {}  # one tokenization per distinct calib section
+        if plan0.ckpt.synthetic:  # random weights: random tokens serve for timing, never for quality
+            tokenizer, vocab = None, plan0.ckpt.raw_config()["vocab_size"]
+            eval_ids = synthetic_tokens(cfg0.eval.num_samples or 8, cfg0.eval.seq_len, vocab, cfg0.calib.seed + 1)
+
+            def tokens(c):
+                return synthetic_tokens(c.n_samples, c.seq_len, vocab, c.seed)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(plan.ckpt.dir)
-            calib_ids = load_calib_tokens(cfg.calib, tokenizer) if plan.method.needs_calib else None
-            eval_ids = load_eval_tokens(cfg.eval, tokenizer) if cfg.eval.eval_pos else None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: Dict[str, Any] = {"eval": {}, "timings_s": timer.timings, "blocks": [],
-                               "config": asdict(cfg), "model_dir": str(plan.ckpt.dir)}
-    ppl = results["eval"].setdefault(cfg.eval.name, {})
-    progress = cfg.run.progress
+            tokenizer = AutoTokenizer.from_pretrained(plan0.ckpt.dir)
+            eval_ids = load_eval_tokens(cfg0.eval, tokenizer) if cfg0.eval.eval_pos else None
 
-    def evaluate(pos: str) -> None:
-        if pos in cfg.eval.eval_pos:
+            def tokens(c):
+                return load_calib_tokens(c, tokenizer)
+        for pt in live:
+            if pt.plan.method.needs_calib:
+                key = json.dumps(asdict(pt.cfg.calib), sort_keys=True)
+                if key not in calib_of:
+                    calib_of[key] = tokens(pt.cfg.calib)
+                pt.calib_ids = calib_of[key]
+    ev, dist, progress = cfg0.eval, cfg0.dist, cfg0.run.progress
+    for pt in live:
+        pt.out_dir.mkdir(parents=True, exist_ok=True)
+        pt.results = {"eval": {ev.name: {}}, "timings_s": {}, "blocks": [], "config": asdict(pt.cfg),
+                      "model_dir": str(pt.plan.ckpt.dir)}
+        if len(points) > 1:
+            pt.results["pipelined_sweep"] = {"points": len(live), "variant": pt.variant}
+
+    def checkpoint(pts: List[Point]) -> None:
+        for pt in pts:
+            pt.results["timings_s"] = {**timer.timings, **pt.timer.timings}
+            write_json_atomic(pt.out_dir / "results.json", pt.results)
+
+    def evaluate(pos: str, pts: List[Point]) -> None:
+        if pos in ev.eval_pos and pts:
             with timer(f"eval_{pos}"):
-                ppl[pos] = schedule.perplexity(group, eval_ids, cfg.eval.bs, f"eval {pos}", progress)
-            log.info("%s PPL (%s): %.4f", cfg.eval.name, pos, ppl[pos])
-            write_json_atomic(out_dir / "results.json", results)
+                variants = [None] if pos == "pretrain" else [pt.variant for pt in pts]
+                ppls = schedule.perplexities(group, eval_ids, ev.bs, variants, f"eval {pos}", progress)
+            for pt, ppl in zip(pts, ppls * len(pts) if pos == "pretrain" else ppls):
+                pt.results["eval"][ev.name][pos] = ppl
+                log.info("%s PPL (%s)%s: %.4f", ev.name, pos, f" [point {pt.variant}]" if len(points) > 1 else "", ppl)
+            checkpoint(pts)
 
-    cluster.init_ray(cfg.dist)
+    def export(kind: str, pts: List[Point]) -> None:
+        for pt in pts:
+            if getattr(pt.cfg.save, f"save_{kind}"):
+                with pt.timer(f"save_{kind}"):
+                    name = "transformed_model" if kind == "trans" else "fake_quant_model"
+                    schedule.export_hf(group, pt.out_dir / name, plan0.ckpt.dir, tokenizer, dtype=plan0.dtype,
+                                       variant=pt.variant)
+
+    cluster.init_ray(dist)
     with timer("load"):
-        plans = cluster.plan_workers(plan.ckpt, plan.spec, plan.n_layers, cfg.dist, plan.model_type, plan.dtype)
-        group = cluster.ActorGroup(plans, cfg.dist)
-        results["actors"] = group.load()
+        plans = cluster.plan_workers(plan0.ckpt, plan0.spec, plan0.n_layers, dist, plan0.model_type, plan0.dtype)
+        group = cluster.ActorGroup(plans, dist)
+        actors = group.load()
+        group.call_all("set_variants", len(live))
     try:
-        evaluate("pretrain")
+        for pt in live:
+            pt.results["actors"] = actors
+        evaluate("pretrain", live)
         with timer("calibrate"):
-            if plan.method.needs_calib:
-                sequential = cfg.dist.schedule == "sequential"  # only llmc's order checkpoints blocks (for now)
-                ckpt_dir, done = block_checkpoints(cfg, out_dir, plan.n_layers) if sequential else (None, 0)
-                job = CalibJob(plan.method.name, dict(cfg.quant.special), plan.qspec, cfg.quant.quant_out,
-                               str(ckpt_dir) if ckpt_dir else None)
-                if sequential:
-                    results["blocks"] = schedule.calibrate_sequential(group, calib_ids, cfg.calib.bs, job,
-                                                                      plan.n_layers, progress, done=done)
-                else:
-                    results["blocks"] = schedule.calibrate_parallel(group, calib_ids, cfg.calib.bs, job,
-                                                                    plan.n_layers, progress)
-            else:
-                group.call_all("rtn_all", plan.qspec)
-        evaluate("transformed")
-        if cfg.save.save_trans:
-            with timer("save_trans"):
-                schedule.export_hf(group, out_dir / "transformed_model", plan.ckpt.dir, tokenizer, dtype=plan.dtype)
-        if "fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake:
-            group.call_all("to_fake_quant")
-        evaluate("fake_quant")
-        if cfg.save.save_fake:
-            with timer("save_fake"):
-                schedule.export_hf(group, out_dir / "fake_quant_model", plan.ckpt.dir, tokenizer, dtype=plan.dtype)
-        results["memory"] = group.call_all("memory")
+            for pt in live:
+                if not pt.plan.method.needs_calib:
+                    group.call_all("rtn_all", pt.plan.qspec, pt.variant)
+            _calibrate(group, [pt for pt in live if pt.plan.method.needs_calib], dist.schedule, progress)
+        live = [pt for pt in live if pt.error is None]
+        evaluate("transformed", live)
+        export("trans", live)
+        for pt in live:
+            if "fake_quant" in ev.eval_pos or pt.cfg.save.save_fake:
+                group.call_all("to_fake_quant", pt.variant)
+        evaluate("fake_quant", live)
+        export("fake", live)
+        memory = group.call_all("memory")
     finally:
         group.shutdown()
     timer.timings["total"] = round(time.perf_counter() - t_start, 3)
-    write_json_atomic(out_dir / "results.json", results)
-    shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)  # finished: results.json now answers a relaunch
-    write_report(results, out_dir)
-    return results
+    for pt in live:
+        pt.results["memory"] = memory
+    checkpoint(live)
+    for pt in live:
+        shutil.rmtree(pt.out_dir / CHECKPOINTS, ignore_errors=True)  # finished: results.json answers a relaunch
+        write_report(pt.results, pt.out_dir)
+
+
+def _calibrate(group, pts: List[Point], schedule_name: str, progress: bool) -> None:
+    """Calibrate every point that needs data, all submitted at once (see dist/schedule.py)."""
+    from .dist import schedule
+
+    if not pts:
+        return
+    pts = sorted(pts, key=lambda pt: pt.variant)  # the point that owns the loaded blocks goes last
+    n_layers = pts[0].plan.n_layers
+    jobs, finished = [], []
+    for pt in pts:
+        ckpt_dir, done = block_checkpoints(pt.cfg, pt.out_dir, n_layers)
+        finished.append(done)
+        jobs.append(CalibJob(pt.plan.method.name, dict(pt.cfg.quant.special), pt.plan.qspec, pt.cfg.quant.quant_out,
+                             str(ckpt_dir) if ckpt_dir else None, variant=pt.variant))
+    bs = pts[0].cfg.calib.bs
+    if schedule_name == "sequential":
+        reports = schedule.calibrate_sequential(group, [pt.calib_ids for pt in pts], bs, jobs, n_layers, progress,
+                                                done=[leading(f) for f in finished])
+    else:
+        reports = schedule.calibrate_parallel(group, pts[0].calib_ids, bs, jobs, n_layers, progress, done=finished)
+    for pt, rep in zip(pts, reports):
+        if isinstance(rep, BaseException):
+            _fail(pt, rep)
+        else:
+            pt.results["blocks"] = rep
 
 
 def format_table(results: Dict[str, Any]) -> str:

@@ -48,16 +48,47 @@ class CalibJob:
     spec: QuantSpec
     quant_out: bool
     checkpoint_dir: Optional[str] = None  # where each finished block is saved (None: not saved)
+    variant: int = 0  # which sweep point's copy of the blocks this job transforms
+
+
+class Variant:
+    """One configuration's view of the worker's blocks: its transformed copies, qparams and eval mode.
+
+    A run has one variant that edits the loaded blocks in place. A pipelined sweep has one per point: each
+    copies a block the first time it touches it, except the last, which takes the loaded block itself; the
+    actor runs calls in submission order and the driver submits point by point, so by then every other point
+    has made its copy (checked: copying a block the last point already changed is an error)."""
+
+    def __init__(self, source: Dict[int, nn.Module], owns_source: bool, taken: set):
+        self.source, self.owns_source, self.taken = source, owns_source, taken
+        self.blocks: Dict[int, nn.Module] = {}
+        self.qparams: Dict[int, Dict[str, Any]] = {}
+        self.spec: Optional[QuantSpec] = None
+        self.mode = "pretrain"
+
+    def block(self, index: int) -> nn.Module:
+        if index not in self.blocks:
+            if self.owns_source:
+                self.taken.add(index)
+                self.blocks[index] = self.source[index]
+            else:
+                if index in self.taken:
+                    raise RuntimeError(f"block {index}: the fp weights were already changed by another sweep point")
+                self.blocks[index] = copy.deepcopy(self.source[index])
+        return self.blocks[index]
 
 
 class BlockWorker:
     def __init__(self, plan: WorkerPlan):
         self.plan = plan
-        self.blocks: Dict[int, nn.Module] = {}
-        self.qparams: Dict[int, Dict[str, Any]] = {}
+        self.blocks: Dict[int, nn.Module] = {}  # the loaded fp blocks (pretrain eval, parallel capture)
         self.stored: Dict[int, Acts] = {}  # parallel schedule: each block's captured fp inputs (host memory)
-        self.spec: Optional[QuantSpec] = None
-        self.mode = "pretrain"
+        self.set_variants(1)
+
+    def set_variants(self, n: int) -> None:
+        """n configurations will be calibrated on these blocks (a pipelined sweep when n > 1)."""
+        taken: set = set()
+        self.variants = [Variant(self.blocks, owns_source=v == n - 1, taken=taken) for v in range(n)]
 
     # -- setup -------------------------------------------------------------------------------------------
     def load(self) -> Dict[str, Any]:
@@ -125,12 +156,13 @@ class BlockWorker:
         return [self.embed(ids[i:i + bs]) for i in range(0, ids.shape[0], bs)]
 
     @torch.no_grad()
-    def stage(self, x: Any, ids: Optional[torch.Tensor] = None, bs: int = 1) -> Any:
+    def stage(self, x: Any, ids: Optional[torch.Tensor] = None, bs: int = 1, variant: Optional[int] = None) -> Any:
         """One pipeline stage of an eval batch: tokens (first worker) or activations in; activations out,
-        or (sum of token NLL, token count) from the last worker."""
+        or (sum of token NLL, token count) from the last worker. variant None: the loaded fp blocks."""
         acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
         for i in self.plan.blocks:
-            acts = self._run_block(self.blocks[i], acts)
+            block = self.blocks[i] if variant is None else self.variants[variant].block(i)
+            acts = self._run_block(block, acts)
         if not self.plan.last:
             return self._to_cpu(acts)
         return self._nll(acts, ids.to(self.device))
@@ -157,18 +189,23 @@ class BlockWorker:
         (this block's transformed, or with quant_out fake-quantized, outputs) and a report."""
         return self._calibrate(index, acts, job, propagate=acts is not None)
 
-    def capture(self, x: Any, bs: int = 1) -> Optional[Acts]:
+    def capture(self, x: Any, bs: int = 1, skip: Tuple[int, ...] = ()) -> Optional[Acts]:
         """Parallel schedule, pass 1: keep every own block's fp inputs for this chunk of calibration data
-        (tokens on the first worker, activations elsewhere) and hand the outputs to the next worker."""
+        (tokens on the first worker, activations elsewhere) and hand the outputs to the next worker.
+        Blocks in `skip` (restored from checkpoints) need no inputs."""
         acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
         for i in self.plan.blocks:
-            self.stored.setdefault(i, []).extend(self._to_cpu(acts))
+            if i not in skip:
+                self.stored.setdefault(i, []).extend(self._to_cpu(acts))
             acts = self._run_block(self.blocks[i], acts)
         return None if self.plan.last else self._to_cpu(acts)
 
     def calibrate_stored(self, index: int, job: CalibJob) -> Dict[str, Any]:
-        """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it."""
-        _, report = self._calibrate(index, self.stored.pop(index), job, propagate=False)
+        """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it (the last sweep
+        point frees them)."""
+        last = job.variant == len(self.variants) - 1
+        acts = self.stored.pop(index) if last else self.stored[index]
+        _, report = self._calibrate(index, acts, job, propagate=False)
         return report
 
     def _calibrate(self, index: int, acts: Optional[Acts], job: CalibJob, propagate: bool):
@@ -176,8 +213,9 @@ class BlockWorker:
             os._exit(1)  # fault injection for the resume tests: dies like an OOM-killed actor
         t0 = time.perf_counter()
         method, special = resolve(job.method, job.special)
-        self.spec = job.spec
-        block = self.blocks[index]
+        var = self.variants[job.variant]
+        var.spec = job.spec
+        block = var.block(index)
         dev_acts = self._to_dev(acts) if acts is not None else []
         try:
             ctx = BlockContext(block=block, inputs=dev_acts,
@@ -185,24 +223,24 @@ class BlockWorker:
                                subsets=self.mspec.subsets, spec=job.spec, special=special, index=index)
             with torch.no_grad() if not method.needs_grad else torch.enable_grad():
                 result = method.fn(ctx)
-            self.qparams[index] = self._fill_qparams(block, result.qparams)
-            errors = self._weight_errors(block, index)
-            out = self._propagate(index, dev_acts, job.quant_out) if propagate else None
+            var.qparams[index] = self._fill_qparams(block, result.qparams, var.spec)
+            errors = self._weight_errors(var, index)
+            out = self._propagate(var, index, dev_acts, job.quant_out) if propagate else None
         except Exception as e:  # add where it happened, keep the original type and traceback
             raise type(e)(f"block {index} ({job.method}): {e}") from e
-        self.mode = "transformed"
+        var.mode = "transformed"
         report = {"block": index, "rank": self.plan.rank, "seconds": time.perf_counter() - t0,
                   "weight_rel_err": errors, "info": _small(result.info)}
         if job.checkpoint_dir:
-            self._save_block(index, report, Path(job.checkpoint_dir))
+            self._save_block(var, index, report, Path(job.checkpoint_dir))
         return out, report
 
-    def _save_block(self, index: int, report: Dict[str, Any], ckpt_dir: Path) -> None:
+    def _save_block(self, var: Variant, index: int, report: Dict[str, Any], ckpt_dir: Path) -> None:
         """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""
         from safetensors.torch import save_file
 
-        tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in self.blocks[index].state_dict().items()}
-        for name, (scale, zero) in self.qparams[index].items():
+        tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in var.block(index).state_dict().items()}
+        for name, (scale, zero) in var.qparams[index].items():
             tensors[f"scale.{name}"] = scale.cpu().contiguous()
             tensors[f"zero.{name}"] = zero.cpu().contiguous()
         final = block_checkpoint(ckpt_dir, index)
@@ -219,67 +257,72 @@ class BlockWorker:
         with safe_open(str(path), framework="pt") as fh:
             report = json.loads(fh.metadata()["report"])
             t = {k: fh.get_tensor(k).to(self.device) for k in fh.keys()}
-        block = self.blocks[index]
+        var = self.variants[job.variant]
+        block = var.block(index)
         block.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("w.")})
-        self.spec = job.spec
-        self.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in self.mspec.linears}
-        self.mode = "transformed"
-        out = self._propagate(index, self._to_dev(acts), job.quant_out) if acts is not None else None
+        var.spec = job.spec
+        var.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in self.mspec.linears}
+        var.mode = "transformed"
+        out = self._propagate(var, index, self._to_dev(acts), job.quant_out) if acts is not None else None
         return out, {**report, "resumed": True}
 
-    def _propagate(self, index: int, dev_acts: Acts, quant_out: bool) -> Acts:
+    def _propagate(self, var: Variant, index: int, dev_acts: Acts, quant_out: bool) -> Acts:
         """The next block's inputs: this block's output, fake-quantized first when quant_out (llmc)."""
-        src = self._fake_block(index) if quant_out else self.blocks[index]
+        src = self._fake_block(var, index) if quant_out else var.block(index)
         return self._to_cpu(self._run_block(src, dev_acts))
 
-    def _fill_qparams(self, block: nn.Module, given: Dict[str, Any]) -> Dict[str, Any]:
+    def _fill_qparams(self, block: nn.Module, given: Dict[str, Any], spec: QuantSpec) -> Dict[str, Any]:
         out = {}
         for name in self.mspec.linears:
             qp = given.get(name)
             if qp is None:
-                qp = compute_qparams(block.get_submodule(name).weight.data, self.spec)
+                qp = compute_qparams(block.get_submodule(name).weight.data, spec)
             out[name] = tuple(t.detach() for t in qp)
         return out
 
-    def _fake_block(self, index: int) -> nn.Module:
-        block = copy.deepcopy(self.blocks[index])
-        self._fake_quant_inplace(block, index)
+    def _fake_block(self, var: Variant, index: int) -> nn.Module:
+        block = copy.deepcopy(var.block(index))
+        self._fake_quant_inplace(var, block, index)
         return block
 
-    def _fake_quant_inplace(self, block: nn.Module, index: int) -> None:
-        for name, (scale, zero) in self.qparams[index].items():
+    @staticmethod
+    def _fake_quant_inplace(var: Variant, block: nn.Module, index: int) -> None:
+        for name, (scale, zero) in var.qparams[index].items():
             lin = block.get_submodule(name)
-            lin.weight.data = fake_quant(lin.weight.data, self.spec, scale, zero)
+            lin.weight.data = fake_quant(lin.weight.data, var.spec, scale, zero)
 
-    def _weight_errors(self, block: nn.Module, index: int) -> Dict[str, float]:
+    @staticmethod
+    def _weight_errors(var: Variant, index: int) -> Dict[str, float]:
         """||W - q(W)|| / ||W|| per linear: the per-block quantization error plotted in the report."""
         errs = {}
-        for name, (scale, zero) in self.qparams[index].items():
-            w = block.get_submodule(name).weight.data.float()
-            errs[name] = float((w - fake_quant(w, self.spec, scale, zero)).norm() / w.norm().clamp(min=1e-12))
+        for name, (scale, zero) in var.qparams[index].items():
+            w = var.block(index).get_submodule(name).weight.data.float()
+            errs[name] = float((w - fake_quant(w, var.spec, scale, zero)).norm() / w.norm().clamp(min=1e-12))
         return errs
 
-    def rtn_all(self, spec: QuantSpec) -> None:
+    def rtn_all(self, spec: QuantSpec, variant: int = 0) -> None:
         """Quantize without calibration data: every block gets RTN qparams from its weights."""
-        self.spec = spec
-        for i, block in self.blocks.items():
-            self.qparams[i] = self._fill_qparams(block, {})
-        self.mode = "transformed"
+        var = self.variants[variant]
+        var.spec = spec
+        for i in self.plan.blocks:
+            var.qparams[i] = self._fill_qparams(var.block(i), {}, spec)
+        var.mode = "transformed"
 
-    def to_fake_quant(self) -> None:
+    def to_fake_quant(self, variant: int = 0) -> None:
         """Replace transformed weights by their fake-quantized values (one way: evals run in this order)."""
-        if self.mode == "fake_quant":
+        var = self.variants[variant]
+        if var.mode == "fake_quant":
             return
-        for i, block in self.blocks.items():
-            self._fake_quant_inplace(block, i)
-        self.mode = "fake_quant"
+        for i in self.plan.blocks:
+            self._fake_quant_inplace(var, var.block(i), i)
+        var.mode = "fake_quant"
 
     # -- export ------------------------------------------------------------------------------------------
-    def state_for_export(self) -> Dict[str, torch.Tensor]:
+    def state_for_export(self, variant: int = 0) -> Dict[str, torch.Tensor]:
         """This worker's tensors under their HF names, on CPU."""
         sd: Dict[str, torch.Tensor] = {}
-        for i, block in self.blocks.items():
-            for k, v in block.state_dict().items():
+        for i in self.plan.blocks:
+            for k, v in self.variants[variant].block(i).state_dict().items():
                 sd[f"{self.mspec.blocks}.{i}.{k}"] = v
         if self.plan.first:
             sd[f"{self.mspec.embed}.weight"] = self.embed.weight
@@ -289,16 +332,16 @@ class BlockWorker:
                 sd[f"{self.mspec.lm_head}.weight"] = self.head.weight
         return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
-    def write_shard(self, path: str) -> List[str]:
+    def write_shard(self, path: str, variant: int = 0) -> List[str]:
         from safetensors.torch import save_file
 
-        sd = self.state_for_export()
+        sd = self.state_for_export(variant)
         save_file(sd, path, metadata={"format": "pt"})
         return sorted(sd)
 
-    def qparams_for_export(self) -> Dict[str, Dict[str, torch.Tensor]]:
+    def qparams_for_export(self, variant: int = 0) -> Dict[str, Dict[str, torch.Tensor]]:
         return {f"{self.mspec.blocks}.{i}.{n}": {"scale": s.cpu(), "zero": z.cpu()}
-                for i, qp in self.qparams.items() for n, (s, z) in qp.items()}
+                for i, qp in self.variants[variant].qparams.items() for n, (s, z) in qp.items()}
 
     def memory(self) -> Dict[str, int]:
         """Peak host RSS of this actor's process, and peak GPU memory allocated by torch."""
@@ -312,6 +355,17 @@ class BlockWorker:
 
 def block_checkpoint(ckpt_dir: Path, index: int) -> Path:
     return ckpt_dir / f"block_{index:05d}.safetensors"
+
+
+def block_ranges(blocks) -> str:
+    """[0, 1, 2, 5] -> '0..2, 5'"""
+    out: List[List[int]] = []
+    for b in sorted(blocks):
+        if out and b == out[-1][1] + 1:
+            out[-1][1] = b
+        else:
+            out.append([b, b])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in out)
 
 
 def _small(info: Dict[str, Any]) -> Dict[str, Any]:

@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import write_text
 
 
-def cli(tiny_dir, calib, ev, out, actors, crash_at=None):
+def cli(tiny_dir, calib, ev, out, actors, crash_at=None, schedule="sequential"):
     env = dict(os.environ)
     env.pop("LLMC_RAY_CRASH_AT_BLOCK", None)
     if crash_at is not None:
@@ -20,7 +21,7 @@ def cli(tiny_dir, calib, ev, out, actors, crash_at=None):
            "quant=gptq", "quant.weight.group_size=64", "calib=custom", f"calib.path={calib}",
            "calib.n_samples=8", "calib.seq_len=64", f"eval.path={ev}", "eval.select=null", "eval.seq_len=128",
            "eval.num_samples=4", "eval.eval_pos=[fake_quant]", f"save.save_path={out}", "save.save_fake=true",
-           f"dist.actors={actors}", "dist.cpus_per_actor=1", "run.progress=false"]
+           f"dist.actors={actors}", "dist.cpus_per_actor=1", f"dist.schedule={schedule}", "run.progress=false"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -31,13 +32,14 @@ def fake_weights(out):
     return sd
 
 
-def test_killed_actor_then_relaunch_equals_uninterrupted(tiny_dir, tmp_path):
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_killed_actor_then_relaunch_equals_uninterrupted(schedule, tiny_dir, tmp_path):
     calib, ev = write_text(tmp_path / "c.txt", seed=5), write_text(tmp_path / "e.txt", seed=6)
-    ref = cli(tiny_dir, calib, ev, tmp_path / "ref", actors=2)
+    ref = cli(tiny_dir, calib, ev, tmp_path / "ref", actors=2, schedule=schedule)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "run"
-    crashed = cli(tiny_dir, calib, ev, out, actors=2, crash_at=2)
+    crashed = cli(tiny_dir, calib, ev, out, actors=2, crash_at=2, schedule=schedule)
     assert crashed.returncode == 3, crashed.stderr[-2000:]
     msg = [l for l in crashed.stderr.splitlines() if l.startswith("llmc_ray:")]
     assert msg and "died while calibrating block 2" in msg[0] and "relaunch" in msg[0]
@@ -45,7 +47,7 @@ def test_killed_actor_then_relaunch_equals_uninterrupted(tiny_dir, tmp_path):
     assert saved == ["block_00000.safetensors", "block_00001.safetensors"]  # finished, whole files only
     assert not list((out / "checkpoints").glob("*.tmp")) and not (out / "fake_quant_model").exists()
 
-    resumed = cli(tiny_dir, calib, ev, out, actors=1)  # a different actor count resumes too
+    resumed = cli(tiny_dir, calib, ev, out, actors=1, schedule=schedule)  # another actor count resumes too
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: blocks 0..1" in resumed.stderr + resumed.stdout
     res = json.loads((out / "results.json").read_text())
@@ -64,7 +66,7 @@ def test_other_settings_discard_checkpoints(tiny_dir, tmp_path):
     cfg = build({**base, "quant": {"method": "GPTQ", "weight": {"group_size": 64}}})
     ckpt_dir, done = block_checkpoints(cfg, tmp_path, 4)
     (ckpt_dir / "block_00000.safetensors").write_bytes(b"x")
-    assert block_checkpoints(cfg, tmp_path, 4)[1] == 1
+    assert block_checkpoints(cfg, tmp_path, 4)[1] == {0}
     other = build({**base, "quant": {"method": "GPTQ", "weight": {"group_size": 32}}})
-    assert block_checkpoints(other, tmp_path, 4)[1] == 0
+    assert block_checkpoints(other, tmp_path, 4)[1] == set()
     assert not (ckpt_dir / "block_00000.safetensors").exists()

@@ -110,3 +110,25 @@ def test_failed_point_is_listed_not_dropped(tiny_dir, eval_text, tmp_path):
     assert "group_size=48" in rows["1"]["error"] and "quant.weight.group_size=48" in rows["1"]["overrides"]
     md = (sweep / "summary.md").read_text()
     assert "## Failed jobs" in md and "- job 1 " in md
+
+
+def test_pipelined_launcher_matches_default_launcher(tiny_dir, eval_text, tmp_path):
+    """`hydra/launcher=pipelined` runs every point through one set of actors; each point's PPLs equal the
+    default launcher's (separate runs), failed points are listed, and every point has its own results."""
+    ref, piped = tmp_path / "ref", tmp_path / "piped"
+    two = ["dist.actors=2"]
+    proc = cli(rtn_args(tiny_dir, eval_text, ref) + two, ["quant.weight.bit=3,4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = cli(rtn_args(tiny_dir, eval_text, piped) + two + ["hydra/launcher=pipelined"],
+               ["quant.weight.bit=3,4", "quant.weight.group_size=64,48"])
+    assert proc.returncode != 0  # the two group_size=48 points fail validation; the others run
+    assert "pipelined launcher: 4 points" in proc.stdout + proc.stderr
+    rows = {r["job"]: r for r in json.loads((piped / "summary.json").read_text())["jobs"]}
+    assert [rows[j]["status"] for j in "0123"] == ["ok", "failed", "ok", "failed"]
+    assert "group_size=48" in rows["1"]["error"] and "group_size=48" in rows["3"]["error"]
+    for ref_job, piped_job in (("0", "0"), ("1", "2")):
+        a = json.loads((ref / ref_job / "results.json").read_text())
+        b = json.loads((piped / piped_job / "results.json").read_text())
+        assert a["eval"] == b["eval"] and a["config"]["quant"] == b["config"]["quant"]
+        assert b["pipelined_sweep"]["points"] == 2 and (piped / piped_job / "report.md").is_file()
+        assert (piped / piped_job / ".hydra" / "overrides.yaml").is_file()

@@ -1,1 +1,2 @@
-"""Hydra finds plugins in the `hydra_plugins` namespace package: this one adds `hydra/launcher=ray_jobs`."""
+"""Hydra finds plugins in the `hydra_plugins` namespace package: this one adds `hydra/launcher=ray_jobs` and
+`hydra/launcher=pipelined`."""

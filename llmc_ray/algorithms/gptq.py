@@ -28,6 +28,7 @@ class GptqSpecial:
     actorder: bool = False  # quantize columns in order of decreasing diag H
     static_groups: bool = False  # per_group: all group qparams from the original W, before any update
     true_sequential: bool = True  # capture each subset's input with the earlier subsets already quantized
+    cuda_graph: bool = True  # on GPU, replay each lazy batch's column sweep as a CUDA graph (same results)
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
@@ -97,9 +98,64 @@ def _col(qp: QParams, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return qp[0].reshape(-1).expand(rows), qp[1].reshape(-1).expand(rows)
 
 
+def column_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, S: torch.Tensor, Z: torch.Tensor,
+                 spec: QuantSpec) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One lazy batch: quantize its columns one by one with the given per-column qparams S, Z [rows, n], each
+    column's error pushed onto the batch's later columns. W1 is updated in place. Returns Q1 (the quantized
+    columns), L1 (per-element loss) and Err1 (the scaled errors, for the update of the later batches)."""
+    Q1, L1, Err1 = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    for i in range(W1.shape[1]):
+        w, d = W1[:, i], Hinv1[i, i]
+        q = fake_quant_columns(w.unsqueeze(1), S[:, i], Z[:, i], spec).squeeze(1)
+        Q1[:, i] = q
+        L1[:, i] = (w - q) ** 2 / d**2 / 2
+        err = (w - q) / d
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Q1, L1, Err1
+
+
+class _GraphedSweep:
+    """column_sweep captured once as a CUDA graph for one (rows, n, quant grid) and replayed per lazy batch:
+    the sweep is ~10 tiny kernels per column, so launching them from Python is what costs time on a GPU. The
+    same kernels run on the same values, so results equal the eager sweep's."""
+
+    def __init__(self, rows: int, n: int, spec: QuantSpec, device: torch.device):
+        self.W1 = torch.zeros(rows, n, device=device)
+        self.Hinv1 = torch.eye(n, device=device)
+        self.S, self.Z = torch.ones(rows, n, device=device), torch.zeros(rows, n, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+            column_sweep(self.W1.clone(), self.Hinv1, self.S, self.Z, spec)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = column_sweep(self.W1, self.Hinv1, self.S, self.Z, spec)
+
+    def __call__(self, W1, Hinv1, S, Z):
+        for dst, src in ((self.W1, W1), (self.Hinv1, Hinv1), (self.S, S), (self.Z, Z)):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.out  # valid until the next replay: the caller consumes it first
+
+
+_GRAPHS: Dict[tuple, _GraphedSweep] = {}
+
+
+def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec):
+    key = (W1.shape, W1.device, spec.qmin, spec.qmax)
+    if key not in _GRAPHS:
+        if len(_GRAPHS) >= 16:  # shapes of one model are few; a long-lived actor may see many models
+            _GRAPHS.clear()
+        _GRAPHS[key] = _GraphedSweep(W1.shape[0], W1.shape[1], spec, W1.device)
+    return _GRAPHS[key](W1, Hinv1, S, Z)
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-               actorder: bool = False, static_groups: bool = False) -> GptqOutput:
-    """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified)."""
+               actorder: bool = False, static_groups: bool = False, use_graph: bool = True) -> GptqOutput:
+    """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified). On a GPU the column
+    sweep of each lazy batch replays a CUDA graph (use_graph=False: launch it from Python)."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
@@ -116,6 +172,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
     W[:, dead] = 0
     static = [compute_qparams(W[:, c:c + gs], col_spec) for c in range(0, cols, gs)] \
         if grouped and static_groups else None
+    if static is not None:
+        static_scale, static_zero = torch.cat([s for s, _ in static], 1), torch.cat([z for _, z in static], 1)
 
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
     if perm is not None:
@@ -124,26 +182,30 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
 
     Q, losses = torch.zeros_like(W), torch.zeros_like(W)
     found: List[QParams] = []  # dynamic group qparams, in sweep order
+    sweep = column_sweep if not (use_graph and W.is_cuda) else graphed_sweep
+    cur = qp
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            c = i1 + i
-            if static is not None:
-                qp = static[int(perm[c] if perm is not None else c) // gs]
-            elif grouped and c % gs == 0:
-                # from W, which holds the updates of earlier lazy batches but not this batch's (W1): the
-                # reference's (and llmc's) choice, kept for identical results
-                qp = compute_qparams(W[:, c:c + gs], col_spec)
-                found.append(qp)
-            w, d = W1[:, i], Hinv1[i, i]
-            q = fake_quant_columns(w.unsqueeze(1), *_col(qp, rows), spec).squeeze(1)
-            Q[:, c] = q
-            losses[:, c] = (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        # every column's qparams of this lazy batch are known before its sweep: a dynamic group's come from W
+        # at the group's first column, and W (unlike W1) changes only between lazy batches — the reference's
+        # (and llmc's) choice, kept for identical results
+        S = torch.empty(rows, i2 - i1, device=W.device)
+        Z = torch.empty_like(S)
+        if static is not None:
+            order = perm[i1:i2] if perm is not None else torch.arange(i1, i2, device=W.device)
+            S[:], Z[:] = static_scale[:, order // gs], static_zero[:, order // gs]
+        else:
+            c = i1
+            while c < i2:
+                if grouped and c % gs == 0:
+                    cur = compute_qparams(W[:, c:c + gs], col_spec)
+                    found.append(cur)
+                end = min(i2, (c // gs + 1) * gs) if grouped else i2
+                s_c, z_c = _col(cur, rows)
+                S[:, c - i1:end - i1], Z[:, c - i1:end - i1] = s_c[:, None], z_c[:, None]
+                c = end
+        Q1, L1, Err1 = sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec)
+        Q[:, i1:i2], losses[:, i1:i2] = Q1, L1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = torch.arange(cols, device=W.device) // gs
@@ -180,7 +242,7 @@ def quantize_subset(ctx: BlockContext, subset: Subset, H: torch.Tensor, sp: Gptq
     batches = [[n] for n in names] if ctx.spec.granularity == "per_tensor" else [names]
     for batch in batches:
         W = torch.cat([ctx.module(n).weight.data for n in batch])
-        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups)
+        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups, sp.cuda_graph)
         r0 = 0
         for n in batch:
             m = ctx.module(n)

@@ -7,11 +7,12 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ray
 import torch
 
+from ..worker import block_ranges
 from .cluster import ActorGroup
 
 
@@ -42,70 +43,118 @@ def gather(refs: List[Any], desc: str, progress: bool,
     return out
 
 
+def perplexities(group: ActorGroup, windows: torch.Tensor, bs: int, variants: Sequence[Optional[int]], desc: str,
+                 progress: bool = True) -> List[float]:
+    """PPL of each variant (None: the loaded fp blocks). Every batch of every variant is submitted up front:
+    Ray runs each actor's calls in order, so actor k works on batch b while actor k+1 works on batch b-1 (a
+    pipeline with no extra scheduling code), and the sweep points follow each other through the same chain."""
+    refs = []
+    for v in variants:
+        for start in range(0, windows.shape[0], bs):
+            ids = ray.put(windows[start:start + bs])
+            x: Any = ids
+            for actor in group.actors:
+                x = actor.stage.remote(x, ids, bs, v)
+            refs.append(x)
+    sums = gather(refs, desc, progress)
+    per = len(sums) // len(variants)
+    return [math.exp(sum(nll for nll, _ in part) / sum(n for _, n in part))
+            for part in (sums[k * per:(k + 1) * per] for k in range(len(variants)))]
+
+
 def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, progress: bool = True) -> float:
-    """Every eval batch is submitted up front: Ray runs each actor's calls in order, so actor k works on
-    batch b while actor k+1 works on batch b-1 (a pipeline with no extra scheduling code)."""
-    results = []
-    for start in range(0, windows.shape[0], bs):
-        ids = ray.put(windows[start:start + bs])
-        x: Any = ids
-        for actor in group.actors:
-            x = actor.stage.remote(x, ids, bs)
-        results.append(x)
-    sums = gather(results, desc, progress)
-    return math.exp(sum(nll for nll, _ in sums) / sum(n for _, n in sums))
+    """PPL of the loaded fp blocks."""
+    return perplexities(group, windows, bs, [None], desc, progress)[0]
 
 
-def calibrate_sequential(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
-                         progress: bool = True, done: int = 0) -> List[Dict[str, Any]]:
-    """llmc's order: block i calibrates on block i-1's (transformed or fake-quant) outputs. The activations
-    ref hops from block to block and actor to actor; the driver waits only for each block's report.
-    Blocks below `done` were finished by an earlier run: they are restored from their checkpoints."""
-    acts = group.first.calib_inputs.remote(ray.put(calib_ids), bs)
-    reports = []
-    with _progress(n_blocks, f"calibrate {job.method}", progress) as bar:
-        for i in range(n_blocks):
-            actor = group.owner[i]
-            step = actor.restore_block if i < done else actor.calibrate_block
-            acts, rep_ref = step.options(num_returns=2).remote(i, acts, job)
+def _actor_lost(group: ActorGroup, job, block: int, done: Sequence[int], e: Exception) -> ActorLost:
+    rank = next(p.rank for p in group.plans if block in p.blocks)
+    saved = f"; blocks {block_ranges(done)} are saved in {job.checkpoint_dir}" if job.checkpoint_dir and done else ""
+    return ActorLost(f"actor {rank} died while calibrating block {block}{saved}: relaunch the same command to "
+                     f"resume ({type(e).__name__})")
+
+
+def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]], desc: str,
+             progress: bool) -> List[Any]:
+    """Per job: its block reports, or the exception that stopped it (the other jobs go on). An actor that
+    died stops everything: ActorLost says which blocks are saved."""
+    flat = [(j, b, r) for j, refs in enumerate(report_refs) for b, r in enumerate(refs)]
+    out: List[Any] = [[] for _ in jobs]
+    with _progress(len(flat), desc, progress) as bar:
+        for j, b, ref in flat:  # in submission order: the first failure of a job is its cause
+            if isinstance(out[j], Exception):
+                bar.update(1)
+                continue
             try:
-                rep = ray.get(rep_ref)
+                rep = ray.get(ref)
             except ray.exceptions.RayActorError as e:
-                where = f"; blocks 0..{i - 1} are saved in {job.checkpoint_dir}" if job.checkpoint_dir and i else ""
-                rank = next(p.rank for p in group.plans if i in p.blocks)
-                raise ActorLost(f"actor {rank} died while calibrating block {i}{where}: relaunch the same "
-                                   f"command to resume ({type(e).__name__})") from None
-            reports.append(rep)
-            bar.set_postfix_str(f"block {i} on actor {rep['rank']}")
+                raise _actor_lost(group, jobs[j], b, [r["block"] for r in out[j]], e) from None
+            except ray.exceptions.RayTaskError as e:
+                out[j] = e.as_instanceof_cause()
+                bar.update(1)
+                continue
+            out[j].append(rep)
+            bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}" +
+                                (f" (point {j})" if len(jobs) > 1 else ""))
             bar.update(1)
-    return reports
+    return out
 
 
-def capture_all(group: ActorGroup, calib_ids: torch.Tensor, bs: int, chunk_samples: int) -> None:
-    """Parallel schedule, pass 1: one pipelined fp pass; every actor keeps its blocks' inputs. Chunks of
-    calibration samples are submitted at once, so actor k captures chunk c while actor k+1 takes chunk c-1."""
+def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: int, jobs: Sequence[Any],
+                         n_blocks: int, progress: bool = True, done: Sequence[int] = ()) -> List[Any]:
+    """llmc's order: block i calibrates on block i-1's (transformed or fake-quant) outputs. The activations
+    ref hops from block to block and actor to actor; the driver only gets each block's report.
+    Several jobs (sweep points, each with its calibration tokens) are submitted one after the other: while
+    actor k+1 works on job j, actor k already works on job j+1 — a pipeline over the sweep.
+    Blocks below done[j] were finished by an earlier run: they are restored from their checkpoints."""
+    report_refs = []
+    for j, job in enumerate(jobs):
+        acts = group.first.calib_inputs.remote(ray.put(calib[j]), bs)
+        refs = []
+        for i in range(n_blocks):
+            step = group.owner[i].restore_block if i < (done[j] if done else 0) else group.owner[i].calibrate_block
+            acts, rep = step.options(num_returns=2).remote(i, acts, job)
+            refs.append(rep)
+        report_refs.append(refs)
+    return _collect(group, jobs, report_refs, f"calibrate {jobs[0].method}", progress)
+
+
+def capture_all(group: ActorGroup, calib_ids: torch.Tensor, bs: int, chunk_samples: int,
+                skip: Sequence[int] = ()) -> None:
+    """Parallel schedule, pass 1: one pipelined fp pass; every actor keeps its blocks' inputs (except blocks
+    in `skip`). Chunks of calibration samples are submitted at once, so actor k captures chunk c while actor
+    k+1 takes chunk c-1."""
     done = []
     for start in range(0, calib_ids.shape[0], chunk_samples):
         x: Any = ray.put(calib_ids[start:start + chunk_samples])
         for actor in group.actors:
-            x = actor.capture.remote(x, bs)
+            x = actor.capture.remote(x, bs, list(skip))
         done.append(x)
     ray.get(done)
 
 
-def calibrate_parallel(group: ActorGroup, calib_ids: torch.Tensor, bs: int, job, n_blocks: int,
-                       progress: bool = True) -> List[Dict[str, Any]]:
+def calibrate_parallel(group: ActorGroup, calib_ids: torch.Tensor, bs: int, jobs: Sequence[Any], n_blocks: int,
+                       progress: bool = True, done: Sequence[Sequence[int]] = ()) -> List[Any]:
     """Every block calibrates on the fp outputs of the unquantized blocks before it, so all actors work at
-    once (each runs its own blocks in order). Differs from llmc's sequential semantics: see README."""
-    capture_all(group, calib_ids, bs, chunk_samples=max(bs, calib_ids.shape[0] // (2 * len(group.actors))))
-    refs = [group.owner[i].calibrate_stored.remote(i, job) for i in range(n_blocks)]
-    reports = gather(refs, f"calibrate {job.method} (parallel)", progress,
-                     lambda bar, rep: bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}"))
-    return reports  # block order: refs were submitted block by block
+    once (each runs its own blocks in order). Differs from llmc's sequential semantics: see README.
+    One capture serves every job (sweep point); blocks in done[j] are restored from checkpoints instead."""
+    finished = [set(d) for d in done] if done else [set() for _ in jobs]
+    everywhere = set.intersection(*finished) if finished else set()
+    capture_all(group, calib_ids, bs, max(bs, calib_ids.shape[0] // (2 * len(group.actors))), skip=everywhere)
+    report_refs = []
+    for j, job in enumerate(jobs):
+        refs = []
+        for i in range(n_blocks):
+            if i in finished[j]:
+                refs.append(group.owner[i].restore_block.options(num_returns=2).remote(i, None, job)[1])
+            else:
+                refs.append(group.owner[i].calibrate_stored.remote(i, job))
+        report_refs.append(refs)
+    return _collect(group, jobs, report_refs, f"calibrate {jobs[0].method} (parallel)", progress)
 
 
 def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_config: Dict[str, Any] = None,
-              dtype: str = "float32") -> Path:
+              dtype: str = "float32", variant: int = 0) -> Path:
     """Each actor writes its own shard; the driver writes index + config + tokenizer; then one atomic
     rename publishes the directory (a crash leaves no half-written model)."""
     out_dir = Path(out_dir)
@@ -114,7 +163,7 @@ def export_hf(group: ActorGroup, out_dir: Path, src_dir: Path, tokenizer, extra_
     tmp.mkdir(parents=True)
     n = len(group.actors)
     names = [f"model-{r + 1:05d}-of-{n:05d}.safetensors" for r in range(n)]
-    keys = ray.get([a.write_shard.remote(str(tmp / f)) for a, f in zip(group.actors, names)])
+    keys = ray.get([a.write_shard.remote(str(tmp / f), variant) for a, f in zip(group.actors, names)])
     weight_map = {k: f for f, ks in zip(names, keys) for k in ks}
     total = sum(os.path.getsize(tmp / f) for f in names)
     (tmp / "model.safetensors.index.json").write_text(

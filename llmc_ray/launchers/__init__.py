@@ -1,1 +1,2 @@
-"""Hydra launchers and Ray Jobs helpers (`ray_jobs`: each sweep point as a Ray Job on an existing cluster)."""
+"""Hydra launchers (`ray_jobs`: each sweep point as a Ray Job on an existing cluster; `pipelined`: all points
+through one set of loaded actors) and Ray Jobs helpers."""

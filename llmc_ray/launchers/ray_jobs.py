@@ -21,14 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from omegaconf import OmegaConf
 
 from ..sweep import RAY_JOB_FILE
 from . import jobs
+from .base import PointLauncher
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +47,12 @@ class RayJobsLauncherConf:
     poll_s: float = 1.0
 
 
-class RayJobsLauncher(Launcher):
+class RayJobsLauncher(PointLauncher):
+    job_id_prefix = "ray_job"
+
     def __init__(self, **params: Any) -> None:
+        super().__init__()
         self.params = RayJobsLauncherConf(**{k: v for k, v in params.items() if k != "_target_"})
-        self.config: Optional[DictConfig] = None
-        self.hydra_context: Optional[HydraContext] = None
-        self.task_function: Optional[TaskFunction] = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.hydra_context = hydra_context
-        self.task_function = task_function
-
-    # -- one job's config and directory, as BasicLauncher would run it
-    def _job_config(self, overrides: Sequence[str], idx: int) -> DictConfig:
-        assert self.hydra_context is not None and self.config is not None
-        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(cfg):
-            cfg.hydra.job.id = f"ray_job_{idx}"
-            cfg.hydra.job.num = idx
-        HydraConfig.instance().set_config(cfg)  # hydra.sweep.subdir may name hydra.job.*
-        out = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-        with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
-            cfg.hydra.runtime.output_dir = str(out.resolve())
-        return cfg
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
@@ -104,19 +84,14 @@ class RayJobsLauncher(Launcher):
             raise
         rets = []
         for (idx, overrides, cfg, out), (sid, status, message) in zip(specs, finished):
-            ret = JobReturn(overrides=overrides, working_dir=str(out), task_name=str(cfg.hydra.job.name))
-            ret.hydra_cfg = OmegaConf.create({"hydra": OmegaConf.to_container(cfg.hydra, resolve=False)})
-            task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-            ret.cfg = task_cfg
             if status == "SUCCEEDED":
-                ret.status = JobStatus.COMPLETED
                 res = out / "results.json"
-                ret.return_value = json.loads(res.read_text()) if res.is_file() else None
+                ret = self._job_return(cfg, overrides, out, json.loads(res.read_text()) if res.is_file() else None,
+                                       ok=True)
             else:
-                ret.status = JobStatus.FAILED
-                ret.return_value = RuntimeError(
+                ret = self._job_return(cfg, overrides, out, RuntimeError(
                     f"Ray job {sid} (sweep job {idx}) {status}: {(message or '').strip()[-2000:]} "
-                    f"[logs: {out / 'ray_job.log'}]")
+                    f"[logs: {out / 'ray_job.log'}]"), ok=False)
             self.hydra_context.callbacks.on_job_end(config=cfg, job_return=ret)
             rets.append(ret)
         return rets
