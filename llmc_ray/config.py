@@ -119,6 +119,9 @@ class DistConfig:
     # sequential: llmc's order, block i calibrates on block i-1's processed output (actors take turns);
     # parallel: one fp pass captures every block's inputs, then all actors calibrate at once
     schedule: str = "sequential"
+    # parallel schedule: write each block's captured calibration inputs to files under this directory (one per
+    # actor) instead of holding them in host RAM until the block is calibrated; None: host RAM
+    spill_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(self.actors >= 1, f"dist.actors={self.actors}: need at least one actor")

@@ -9,6 +9,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class WorkerPlan:
     dtype: str
     device: str
     threads: int = 0
+    spill_dir: Optional[str] = None  # parallel schedule: captured block inputs go to files here, not host RAM
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class BlockWorker:
     def __init__(self, plan: WorkerPlan):
         self.plan = plan
         self.blocks: Dict[int, nn.Module] = {}  # the loaded fp blocks (pretrain eval, parallel capture)
-        self.stored: Dict[int, Acts] = {}  # parallel schedule: each block's captured fp inputs (host memory)
+        # parallel schedule: each block's captured fp inputs, in host memory or (spill_dir) as files
+        self.stored: Dict[int, List[Any]] = {}
         self.set_variants(1)
 
     def set_variants(self, n: int) -> None:
@@ -196,7 +199,7 @@ class BlockWorker:
         acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
         for i in self.plan.blocks:
             if i not in skip:
-                self.stored.setdefault(i, []).extend(self._to_cpu(acts))
+                self._store(i, self._to_cpu(acts))
             acts = self._run_block(self.blocks[i], acts)
         return None if self.plan.last else self._to_cpu(acts)
 
@@ -204,9 +207,35 @@ class BlockWorker:
         """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it (the last sweep
         point frees them)."""
         last = job.variant == len(self.variants) - 1
-        acts = self.stored.pop(index) if last else self.stored[index]
-        _, report = self._calibrate(index, acts, job, propagate=False)
+        _, report = self._calibrate(index, self._stored(index), job, propagate=False)
+        if last:
+            self._drop_stored(index)
         return report
+
+    def _store(self, index: int, acts: Acts) -> None:
+        if not self.plan.spill_dir:
+            self.stored.setdefault(index, []).extend(acts)
+            return
+        path = Path(self.plan.spill_dir) / f"block_{index:05d}_{len(self.stored.get(index, [])):05d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(acts, path)
+        self.stored.setdefault(index, []).append(path)
+
+    def _stored(self, index: int) -> Acts:
+        if not self.plan.spill_dir:
+            return self.stored[index]
+        return [a for path in self.stored[index] for a in torch.load(path)]
+
+    def _drop_stored(self, index: int) -> None:
+        for item in self.stored.pop(index):
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+        if self.plan.spill_dir and not self.stored:  # the last block of this actor: leave no directory behind
+            shutil.rmtree(self.plan.spill_dir, ignore_errors=True)
+            try:
+                Path(self.plan.spill_dir).parent.rmdir()  # the run's dir, once every actor has left it
+            except OSError:
+                pass
 
     def _calibrate(self, index: int, acts: Optional[Acts], job: CalibJob, propagate: bool):
         if os.environ.get("LLMC_RAY_CRASH_AT_BLOCK") == str(index):

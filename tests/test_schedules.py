@@ -56,3 +56,31 @@ def test_parallel_schedule_independent_of_actor_count(tiny_dir, texts, tmp_path,
     # and it is a different schedule: on a real (non-identity) model, block inputs differ from sequential's
     seq_res, seq_w = run_with(tiny_dir, texts, tmp_path / "s1", "GPTQ", "sequential")
     assert any(not torch.equal(one_w[k], seq_w[k]) for k in one_w if ".layers.3." in k)
+
+
+def test_spilled_parallel_capture_equals_in_memory(tiny_dir, texts, tmp_path, ray_session):
+    """dist.spill_dir keeps captured block inputs in files instead of host RAM: same results, no files left."""
+    mem_res, mem_w = run_with(tiny_dir, texts, tmp_path / "mem", "GPTQ", "parallel", actors=2)
+    cfg = make_cfg(tiny_dir, texts, tmp_path / "spill", method="GPTQ", actors=2, eval_pos=("fake_quant",))
+    cfg.dist.schedule, cfg.dist.spill_dir = "parallel", str(tmp_path / "spill_dir")
+    assert run(cfg)["eval"] == mem_res["eval"]
+    spill_w = fake_weights(tmp_path / "spill")
+    assert all(torch.equal(mem_w[k], spill_w[k]) for k in mem_w)
+    assert not any((tmp_path / "spill_dir").rglob("*"))  # every file and run dir removed once calibrated
+
+
+def test_capture_writes_files_not_host_tensors(tiny_dir, tmp_path):
+    from llmc_ray.worker import BlockWorker, WorkerPlan
+
+    plan = WorkerPlan(rank=0, blocks=(0, 1), first=True, last=False, model_dir=str(tiny_dir), model_type="llama",
+                      dtype="float32", device="cpu", spill_dir=str(tmp_path / "a0"))
+    w = BlockWorker(plan)
+    w.load()
+    ids = torch.randint(0, 100, (4, 16))
+    w.capture(ids, bs=2)
+    w.capture(ids, bs=2)
+    assert all(isinstance(x, type(tmp_path)) and x.is_file() for i in (0, 1) for x in w.stored[i])
+    inputs = w._stored(1)  # block 1's inputs: block 0's outputs on the embedded tokens, 2 chunks x 2 batches
+    assert len(inputs) == 4
+    ref = w._run_block(w.blocks[0], w.embed_tokens(ids, 2))
+    assert all(torch.equal(a, b) for a, b in zip(inputs, ref + ref))

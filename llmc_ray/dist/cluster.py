@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
+from pathlib import Path
 from typing import Any, Dict, List
 
 import ray
@@ -48,8 +50,10 @@ def plan_workers(ckpt: Checkpoint, spec, n_layers: int, dist: DistConfig, model_
     ranges = partition(sizes, dist.actors, first_extra=ckpt.bytes_under(spec.embed + "."),
                        last_extra=head + ckpt.bytes_under(spec.final_norm + "."))
     threads = dist.cpus_per_actor if dist.device == "cpu" else 0
+    run_id = uuid.uuid4().hex[:8]  # runs sharing a spill_dir never share files
+    spill = lambda r: str(Path(dist.spill_dir) / f"run_{run_id}" / f"actor_{r}") if dist.spill_dir else None  # noqa: E731
     return [WorkerPlan(rank=r, blocks=rg, first=r == 0, last=r == len(ranges) - 1, model_dir=str(ckpt.dir),
-                       model_type=model_type, dtype=dtype, device=dist.device, threads=threads)
+                       model_type=model_type, dtype=dtype, device=dist.device, threads=threads, spill_dir=spill(r))
             for r, rg in enumerate(ranges)]
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One GPU session of benchmarks (device tool, one GPU). Phases, one device call each, run back to back on a
+# warm machine (it keeps /tmp between calls):
+#   stage N   carry .stage/NN: append chunk NN of the SmolLM2 GGUF to /tmp/stage/smollm2.gguf
+#   ours      carry .whl .cache/sotu: GPTQ sweep graph-vs-eager, FLOP floor, llmc-ray AWQ/GPTQ on SmolLM2 and on
+#             a 4-block Qwen2-7B-shape model (also written to /tmp/cmp/q7b4 for llm-compressor), tokens dumped
+#   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
+#   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens
+set -uo pipefail
+phase=$1
+mkdir -p /tmp/stage /tmp/cmp
+if [ "$phase" = stage ]; then cat .stage/$2/* >> /tmp/stage/smollm2.gguf; ls -la /tmp/stage; exit 0; fi
+if [ "$phase" = theirs ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-lc .whl-lc/*.whl || exit 1
+  export PYTHONPATH=/tmp/site-lc:$PWD
+  for m in awq gptq; do
+    python3 bench/llmcompressor/run_llmcompressor.py --model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt \
+      --eval /tmp/cmp/smol/eval.pt --method $m --bits 4 --group-size 64 --asymmetric --out $OUT/lc_smol_$m.json \
+      > $OUT/lc_smol_$m.log 2>&1 || tail -30 $OUT/lc_smol_$m.log
+    python3 bench/llmcompressor/run_llmcompressor.py --model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt \
+      --eval /tmp/cmp/q7b4_tok/eval.pt --method $m --bits 4 --group-size 128 --asymmetric --out $OUT/lc_q7b4_$m.json \
+      > $OUT/lc_q7b4_$m.log 2>&1 || tail -30 $OUT/lc_q7b4_$m.log
+  done
+  for f in $OUT/lc_*.json; do echo "$f"; cat "$f"; echo; done
+  exit 0
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD RAY_USAGE_STATS_ENABLED=0 LLMC_RAY_CACHE=/tmp/llmc_cache
+mkdir -p $LLMC_RAY_CACHE/assets
+[ -f $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf ] || cp /tmp/stage/smollm2.gguf $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -d $LLMC_RAY_CACHE/assets/sotu ] || cp -r .cache/sotu $LLMC_RAY_CACHE/assets/sotu
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+ours() { local name=$1; shift; local t0=$SECONDS
+         python3 -m llmc_ray run.progress=false save.save_path=$OUT/$name "$@" > $OUT/$name.log 2>&1 \
+           || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
+         echo "$name wall $((SECONDS - t0)) s"; }
+if [ "$phase" = ours ]; then
+  python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
+  for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
+  # tokens for llm-compressor: the very ones llmc-ray uses (this also converts the GGUF to an HF dir)
+  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
+  python3 bench/llmcompressor/dump_tokens.py --out /tmp/cmp/smol "${SMOL[@]}" || exit 1
+  ln -sfn "$(ls -d $LLMC_RAY_CACHE/gguf/SmolLM2*/ | head -1)" /tmp/cmp/smol_hf
+  for q in awq gptq; do ours smol_$q "${SMOL[@]}" dist=gpu quant=$q "eval.eval_pos=[pretrain,fake_quant]"; done
+  python3 bench/materialize_synthetic.py qwen2-7b 4 /tmp/cmp/q7b4
+  python3 - <<'PY'
+import torch, os
+from llmc_ray.synthetic import synthetic_tokens, ARCHS
+os.makedirs("/tmp/cmp/q7b4_tok", exist_ok=True)
+v = ARCHS["qwen2-7b"]["vocab_size"]
+torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # = scale_bench's calib tokens
+torch.save(synthetic_tokens(4, 2048, v, 43), "/tmp/cmp/q7b4_tok/eval.pt")
+PY
+  python3 bench/scale_bench.py $OUT/scale qwen2-7b:4:Awq:sequential:1 qwen2-7b:4:GPTQ:sequential:1 2>&1 | tail -5
+  python3 - <<'PY'
+import json, os, glob
+for f in sorted(glob.glob(os.environ["OUT"] + "/smol_*/results.json")):
+    r = json.load(open(f)); e = r["eval"]["custom"]; t = r["timings_s"]
+    print(f.split("/")[-2], {k: round(v, 4) for k, v in e.items()}, "calibrate_s", t.get("calibrate"), "total_s", t.get("total"))
+PY
+fi
+if [ "$phase" = more ]; then
+  python3 bench/scale_bench.py $OUT/moe deepseek-v2-lite:2:Awq:sequential:1 deepseek-v2-lite:2:GPTQ:sequential:1 2>&1 | tail -5
+  python3 bench/sweep_bench.py $OUT/sweep demo 1 sequential Awq 4:64 3:64 4:32 3:32 2>&1 | tail -8
+fi
