@@ -13,15 +13,24 @@ if [ "$phase" = stage ]; then cat .stage/$2/* >> /tmp/stage/smollm2.gguf; ls -la
 if [ "$phase" = theirs ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-lc .whl-lc/*.whl || exit 1
   export PYTHONPATH=/tmp/site-lc:$PWD
-  for m in awq gptq; do
-    python3 bench/llmcompressor/run_llmcompressor.py --model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt \
-      --eval /tmp/cmp/smol/eval.pt --method $m --bits 4 --group-size 64 --asymmetric --out $OUT/lc_smol_$m.json \
-      > $OUT/lc_smol_$m.log 2>&1 || tail -30 $OUT/lc_smol_$m.log
-    python3 bench/llmcompressor/run_llmcompressor.py --model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt \
-      --eval /tmp/cmp/q7b4_tok/eval.pt --method $m --bits 4 --group-size 128 --asymmetric --out $OUT/lc_q7b4_$m.json \
-      > $OUT/lc_q7b4_$m.log 2>&1 || tail -30 $OUT/lc_q7b4_$m.log
-  done
-  for f in $OUT/lc_*.json; do echo "$f"; cat "$f"; echo; done
+  lc() { local name=$1; shift; local t0=$SECONDS
+         python3 bench/llmcompressor/run_llmcompressor.py --bits 4 --asymmetric --device cuda --dtype bfloat16 \
+           --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1 || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
+         echo "$name wall $((SECONDS - t0)) s"; }
+  SMOL=(--model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt --eval /tmp/cmp/smol/eval.pt --group-size 64)
+  Q7=(--model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt --eval /tmp/cmp/q7b4_tok/eval.pt --group-size 128)
+  lc lc_smol_awq "${SMOL[@]}" --method awq
+  lc lc_smol_gptq_matched "${SMOL[@]}" --method gptq --sequential-targets Linear
+  lc lc_smol_gptq_layer "${SMOL[@]}" --method gptq
+  lc lc_q7b4_awq "${Q7[@]}" --method awq
+  lc lc_q7b4_gptq_layer "${Q7[@]}" --method gptq
+  python3 - <<'PY'
+import glob, json, os
+for f in sorted(glob.glob(os.environ["OUT"] + "/lc_*.json")):
+    r = json.load(open(f))
+    print(f"{os.path.basename(f)[:-5]:22s} pretrain {r['pretrain_ppl']:.4f} quant {r['quant_ppl']:.4f} "
+          f"oneshot_s {r['oneshot_s']:.1f} total_s {r['total_s']:.1f} gpu_peak_GiB {r['gpu_peak_bytes'] / 2**30:.2f}")
+PY
   exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -34,30 +43,47 @@ ours() { local name=$1; shift; local t0=$SECONDS
          python3 -m llmc_ray run.progress=false save.save_path=$OUT/$name "$@" > $OUT/$name.log 2>&1 \
            || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
          echo "$name wall $((SECONDS - t0)) s"; }
+summary() { python3 - <<'PY'
+import json, os, glob
+for f in sorted(glob.glob(os.environ["OUT"] + "/*/results.json")):
+    r = json.load(open(f)); e = next(iter(r["eval"].values()), {}); t = r["timings_s"]
+    mem = max((m.get("gpu_peak_bytes", 0) for m in r.get("memory", [])), default=0)
+    print(f"{f.split('/')[-2]:22s}", {k: round(v, 4) for k, v in e.items()}, "calibrate_s", t.get("calibrate"),
+          "total_s", t.get("total"), f"gpu_peak_GiB {mem / 2**30:.2f}")
+PY
+}
 if [ "$phase" = ours ]; then
-  python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
-  for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
   # tokens for llm-compressor: the very ones llmc-ray uses (this also converts the GGUF to an HF dir)
   SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
   python3 bench/llmcompressor/dump_tokens.py --out /tmp/cmp/smol "${SMOL[@]}" || exit 1
   ln -sfn "$(ls -d $LLMC_RAY_CACHE/gguf/SmolLM2*/ | head -1)" /tmp/cmp/smol_hf
-  for q in awq gptq; do ours smol_$q "${SMOL[@]}" dist=gpu quant=$q "eval.eval_pos=[pretrain,fake_quant]"; done
+  E=(dist=gpu "eval.eval_pos=[pretrain,fake_quant]")
+  ours smol_awq "${SMOL[@]}" "${E[@]}" quant=awq
+  ours smol_awq_matched "${SMOL[@]}" "${E[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours smol_gptq "${SMOL[@]}" "${E[@]}" quant=gptq
+  ours smol_gptq_matched "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
+  summary
+fi
+if [ "$phase" = ours7b ]; then
+  python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
+  for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
   python3 bench/materialize_synthetic.py qwen2-7b 4 /tmp/cmp/q7b4
+  cp /tmp/cmp/smol_hf/tokenizer* /tmp/cmp/q7b4/ 2>/dev/null  # ids are passed directly; a tool may still want one
   python3 - <<'PY'
 import torch, os
 from llmc_ray.synthetic import synthetic_tokens, ARCHS
 os.makedirs("/tmp/cmp/q7b4_tok", exist_ok=True)
 v = ARCHS["qwen2-7b"]["vocab_size"]
-torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # = scale_bench's calib tokens
+torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # = the run's calib tokens
 torch.save(synthetic_tokens(4, 2048, v, 43), "/tmp/cmp/q7b4_tok/eval.pt")
 PY
-  python3 bench/scale_bench.py $OUT/scale qwen2-7b:4:Awq:sequential:1 qwen2-7b:4:GPTQ:sequential:1 2>&1 | tail -5
-  python3 - <<'PY'
-import json, os, glob
-for f in sorted(glob.glob(os.environ["OUT"] + "/smol_*/results.json")):
-    r = json.load(open(f)); e = r["eval"]["custom"]; t = r["timings_s"]
-    print(f.split("/")[-2], {k: round(v, 4) for k, v in e.items()}, "calibrate_s", t.get("calibrate"), "total_s", t.get("total"))
-PY
+  Q7=(model.path=synthetic:qwen2-7b:4 model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
+      calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[]" quant.weight.group_size=128 dist=gpu)
+  ours q7b4_awq "${Q7[@]}" quant=awq
+  ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours q7b4_gptq "${Q7[@]}" quant=gptq
+  ours q7b4_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  summary
 fi
 if [ "$phase" = more ]; then
   python3 bench/scale_bench.py $OUT/moe deepseek-v2-lite:2:Awq:sequential:1 deepseek-v2-lite:2:GPTQ:sequential:1 2>&1 | tail -5
