@@ -22,8 +22,8 @@ if [ "$phase" = theirs ]; then
   lc lc_smol_awq "${SMOL[@]}" --method awq
   lc lc_smol_gptq_matched "${SMOL[@]}" --method gptq --sequential-targets Linear
   lc lc_smol_gptq_layer "${SMOL[@]}" --method gptq
-  lc lc_q7b4_awq "${Q7[@]}" --method awq
-  lc lc_q7b4_gptq_layer "${Q7[@]}" --method gptq
+  [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_awq "${Q7[@]}" --method awq
+  [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_gptq_layer "${Q7[@]}" --method gptq
   python3 - <<'PY'
 import glob, json, os
 for f in sorted(glob.glob(os.environ["OUT"] + "/lc_*.json")):
@@ -55,13 +55,22 @@ PY
 if [ "$phase" = ours ]; then
   # tokens for llm-compressor: the very ones llmc-ray uses (this also converts the GGUF to an HF dir)
   SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
-  python3 bench/llmcompressor/dump_tokens.py --out /tmp/cmp/smol "${SMOL[@]}" || exit 1
+  [ -f /tmp/cmp/smol/calib.pt ] || python3 bench/llmcompressor/dump_tokens.py --out /tmp/cmp/smol "${SMOL[@]}" || exit 1
   ln -sfn "$(ls -d $LLMC_RAY_CACHE/gguf/SmolLM2*/ | head -1)" /tmp/cmp/smol_hf
-  E=(dist=gpu "eval.eval_pos=[pretrain,fake_quant]")
+  E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
   ours smol_awq "${SMOL[@]}" "${E[@]}" quant=awq
   ours smol_awq_matched "${SMOL[@]}" "${E[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
   ours smol_gptq "${SMOL[@]}" "${E[@]}" quant=gptq
   ours smol_gptq_matched "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
+  summary
+fi
+if [ "$phase" = batched ]; then  # the same SmolLM2 runs with 32 calibration samples per forward
+  python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
+  for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
+  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
+  E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]" calib.bs=32)
+  ours smol_awq_bs32 "${SMOL[@]}" "${E[@]}" quant=awq
+  ours smol_gptq_matched_bs32 "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
   summary
 fi
 if [ "$phase" = ours7b ]; then
@@ -78,7 +87,7 @@ torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # =
 torch.save(synthetic_tokens(4, 2048, v, 43), "/tmp/cmp/q7b4_tok/eval.pt")
 PY
   Q7=(model.path=synthetic:qwen2-7b:4 model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
-      calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[]" quant.weight.group_size=128 dist=gpu)
+      calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[]" quant.weight.group_size=128 dist=gpu dist.actors=1)
   ours q7b4_awq "${Q7[@]}" quant=awq
   ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
   ours q7b4_gptq "${Q7[@]}" quant=gptq
