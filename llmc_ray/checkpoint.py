@@ -154,12 +154,19 @@ def _read_header(path: Path) -> dict:
     return {k: {"shape": v["shape"], "dtype": v["dtype"]} for k, v in header.items()}
 
 
-def meta_model(config) -> nn.Module:
-    """The whole architecture on the meta device: module names and shapes, no memory."""
+def meta_model(config, spec=None) -> nn.Module:
+    """The whole architecture on the meta device: module names and shapes, no memory. With an adapter spec
+    that names routed experts, each block's fused experts become per-expert linears (the checkpoint's names)."""
     from transformers import AutoModelForCausalLM
 
+    from .models.experts import unfuse_experts
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if spec is not None and spec.experts:
+        for block in model.get_submodule(spec.blocks):
+            unfuse_experts(block, spec.experts)
+    return model
 
 
 def materialize(module: nn.Module, state: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -81,6 +82,27 @@ def _actor_rows(results: Dict[str, Any]) -> List[List[str]]:
                 cells.append(_fmt(v, 3))
         rows.append(cells)
     return rows
+
+
+def by_kind(errs: Dict[str, float]) -> Dict[str, float]:
+    """Routed experts' linears averaged per kind (`mlp.experts.*.down_proj`): one column and one plot line
+    instead of one per expert. Names without an index pass through."""
+    groups: Dict[str, List[float]] = {}
+    for name, v in errs.items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(v)
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def _coverage_rows(blocks: Sequence[Dict[str, Any]]) -> List[List[str]]:
+    """MoE blocks: calibration tokens per routed expert (fewest, most) and the experts that got none."""
+    rows = [["block", "experts", "fewest tokens", "most tokens", "without tokens (RTN)"]]
+    for b in blocks:
+        counts = (b.get("info") or {}).get("expert_tokens")
+        if counts:
+            starved = b["info"].get("experts_without_tokens") or []
+            rows.append([str(b.get("block")), str(len(counts)), str(min(counts.values())),
+                         str(max(counts.values())), ", ".join(starved) or "none"])
+    return rows if len(rows) > 1 else []
 
 
 def _linear_names(blocks: Sequence[Dict[str, Any]]) -> List[str]:
@@ -157,6 +179,8 @@ def write_report(results: Dict[str, Any], out_dir: Path) -> Path:
     cfg = results.get("config", {})
     title = _title(results)
     blocks = sorted(results.get("blocks") or [], key=lambda b: b.get("block", 0))
+    coverage = _coverage_rows(blocks)
+    blocks = [dict(b, weight_rel_err=by_kind(b.get("weight_rel_err") or {})) for b in blocks]
     linears = _linear_names(blocks)
 
     png = out_dir / PLOT_NAME
@@ -191,6 +215,10 @@ def write_report(results: Dict[str, Any], out_dir: Path) -> Path:
         block_md += "\n\n" + _md_table(mean_rows) + "\n\n" + _md_table(_block_rows(blocks, linears))
         block_html += _html_table(mean_rows) + _html_table(_block_rows(blocks, linears))
     sections.append(("Weight error per block", block_md, block_html))
+    if coverage:
+        note = "Routed experts' errors above are means over the experts of a block."
+        sections.append(("Expert coverage", note + "\n\n" + _md_table(coverage),
+                         f"<p>{html.escape(note)}</p>" + _html_table(coverage)))
     actors = _actor_rows(results)
     sections.append(("Actors", _md_table(actors) or "none recorded", _html_table(actors) or "<p>none recorded</p>"))
     cfg_yaml = yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)

@@ -29,6 +29,26 @@ ARCHS: Dict[str, dict] = {
                      intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
                      num_hidden_layers=28, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # MoE: 64 routed experts (6 per token) + 2 shared, MLA attention with q_lora_rank null, block 0 dense.
+    # scoring_func is not a DeepseekV2Config field (transformers' router always uses softmax, which it is);
+    # rope_scaling (yarn) is left out: it changes no shape.
+    "deepseek-v2-lite": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048,
+                             num_hidden_layers=27, intermediate_size=10944, moe_intermediate_size=1408,
+                             n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1,
+                             kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                             v_head_dim=128, num_attention_heads=16, num_key_value_heads=16, vocab_size=102400,
+                             routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1,
+                             norm_topk_prob=False, scoring_func="softmax", rope_theta=10000.0,
+                             max_position_embeddings=163840, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             torch_dtype="bfloat16"),
+    # MoE: 60 routed experts (4 per token) + one gated shared expert, Qwen2 attention with biases
+    "qwen1.5-moe-a2.7b": dict(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", hidden_size=2048,
+                              num_hidden_layers=24, intermediate_size=5632, moe_intermediate_size=1408,
+                              shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+                              decoder_sparse_step=1, norm_topk_prob=False, num_attention_heads=16,
+                              num_key_value_heads=16, vocab_size=151936, max_position_embeddings=8192,
+                              rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                              torch_dtype="bfloat16"),
 }
 MARKER = "synthetic.json"
 WEIGHT_STD = 0.02
@@ -69,9 +89,11 @@ def generate(name: str, shape, dtype: torch.dtype, device: torch.device) -> torc
 
 
 def tensor_shapes(config) -> Dict[str, tuple]:
+    """Shapes under the on-disk names (experts per expert, as published checkpoints store them)."""
     from .checkpoint import meta_model
+    from .models import get_spec
 
-    return {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(config, get_spec(config.model_type)).state_dict().items()}
 
 
 def synthetic_tokens(n: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:

@@ -4,13 +4,15 @@ Each failure is one ConfigError line that says what to change.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
 from .algorithms.base import Method, resolve
 from .checkpoint import Checkpoint, resolve_model_dir
 from .config import ConfigError, RunConfig
-from .models import ModelSpec, get_spec
+from .models import ModelSpec, get_spec, linears, names_has, resolve_subsets
 from .quant.quantizer import QuantSpec
 
 
@@ -45,22 +47,31 @@ def check_target(cfg: RunConfig, special: Any) -> None:
 
 
 def check_shapes(ckpt: Checkpoint, spec: ModelSpec, n_layers: int, qspec: QuantSpec) -> None:
-    """Every adapter name resolves in every block, and the group size divides every in_features."""
+    """Every block resolves to subsets that quantize all its weight matrices (routers absorb scales), and the
+    group size divides every quantized linear's in_features, routed experts included."""
     bad_groups: Dict[str, List[int]] = {}
+    widths = set()
     for i in range(n_layers):
-        for name in spec.linears:
-            key = f"{spec.blocks}.{i}.{name}.weight"
-            if key not in ckpt.tensors:
-                raise ConfigError(f"checkpoint has no {key}: the {spec.name!r} adapter does not fit this model "
-                                  f"(set model.type to the right family)")
-            in_f = ckpt.tensors[key].shape[1]
+        prefix = f"{spec.blocks}.{i}"
+        subsets = resolve_subsets(spec, names_has(ckpt.tensors, prefix))
+        matrices = {n[len(prefix) + 1:-len(".weight")] for n, t in ckpt.tensors.items()
+                    if n.startswith(prefix + ".") and n.endswith(".weight") and len(t.shape) == 2}
+        left = sorted(matrices - set(linears(subsets)) - {a for s in subsets for a in s.absorb})
+        if not subsets or left:
+            what = f"leaves {left[:3]} unquantized" if subsets else "names none of its layers"
+            raise ConfigError(f"block {i} of the checkpoint: the {spec.name!r} adapter {what} "
+                              f"(set model.type to the right family)")
+        for name in linears(subsets):
+            in_f = ckpt.tensors[f"{prefix}.{name}.weight"].shape[1]
+            widths.add(in_f)
             if qspec.granularity == "per_group" and in_f % qspec.group_size:
-                bad_groups.setdefault(name, []).append(in_f)
+                bad_groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(in_f)
     if bad_groups:
         name, dims = next(iter(bad_groups.items()))
+        fits = math.gcd(*widths) & -math.gcd(*widths)  # the largest power of two dividing every in_features
         raise ConfigError(f"quant.weight.group_size={qspec.group_size} does not divide in_features={dims[0]} of "
                           f"{name} (and {len(bad_groups) - 1} more layer kinds): pick a group size dividing "
-                          f"{dims[0]}, e.g. 64 or 32")
+                          f"every in_features, e.g. {min(fits, 128)}")
 
 
 def check_data_paths(cfg: RunConfig, needs_calib: bool) -> None:

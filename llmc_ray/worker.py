@@ -21,7 +21,8 @@ from torch import nn
 
 from .algorithms.base import BlockContext, resolve
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
-from .models import get_spec
+from .models import block_subsets, expert_names, get_spec, linears, module_has
+from .models.spec import Subset
 from .quant.quantizer import QuantSpec, compute_qparams, fake_quant
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class BlockWorker:
     def __init__(self, plan: WorkerPlan):
         self.plan = plan
         self.blocks: Dict[int, nn.Module] = {}  # the loaded fp blocks (pretrain eval, parallel capture)
+        self.subsets: Dict[int, Tuple[Subset, ...]] = {}  # each block's resolved subsets (dense and MoE differ)
+        self.experts: Dict[int, Tuple[str, ...]] = {}  # each block's routed experts (module names)
         # parallel schedule: each block's captured fp inputs, in host memory or (spill_dir) as files
         self.stored: Dict[int, List[Any]] = {}
         self.set_variants(1)
@@ -105,7 +108,7 @@ class BlockWorker:
         self.mspec = get_spec(p.model_type)
         dtype = TORCH_DTYPES[p.dtype]
         self.dtype = dtype
-        meta = meta_model(self.config)
+        meta = meta_model(self.config, self.mspec)  # fused experts already per-expert linears
         where = dict(device=self.device, dtype=dtype)
 
         def build(name: str, module: nn.Module, state=None) -> nn.Module:
@@ -115,6 +118,8 @@ class BlockWorker:
         layers = meta.get_submodule(self.mspec.blocks)
         for i in p.blocks:
             self.blocks[i] = build(f"{self.mspec.blocks}.{i}", layers[i])
+            self.subsets[i] = block_subsets(self.mspec, self.blocks[i])
+            self.experts[i] = expert_names(self.mspec, module_has(self.blocks[i]))
         if p.first:
             self.embed = build(self.mspec.embed, meta.get_submodule(self.mspec.embed))
         if p.last:
@@ -128,13 +133,16 @@ class BlockWorker:
         return {"rank": p.rank, "blocks": list(p.blocks), "load_s": time.perf_counter() - t0, "gpu_bytes": mem}
 
     def block_kwargs(self, x: torch.Tensor) -> Dict[str, Any]:
-        """Position embeddings for a full causal sequence of x's length (no padding: mask is implied)."""
+        """Position embeddings for a full causal sequence of x's length (no padding: mask is implied): (cos, sin)
+        in the model's dtype, or as the rotary module gives them when it gives one tensor (DeepSeek-V2's
+        complex freqs_cis, which its attention applies in fp32)."""
         seq = x.shape[1]
         if seq not in self._kwargs_cache:
             pos = torch.arange(seq, device=self.device).unsqueeze(0)
-            cos, sin = self.rotary(x, pos)
-            self._kwargs_cache[seq] = {"position_embeddings": (cos.to(self.dtype), sin.to(self.dtype)),
-                                       "position_ids": pos, "attention_mask": None}
+            pe = self.rotary(x, pos)
+            if isinstance(pe, tuple):
+                pe = tuple(t.to(self.dtype) for t in pe)
+            self._kwargs_cache[seq] = {"position_embeddings": pe, "position_ids": pos, "attention_mask": None}
         return self._kwargs_cache[seq]
 
     # -- forward -----------------------------------------------------------------------------------------
@@ -249,10 +257,11 @@ class BlockWorker:
         try:
             ctx = BlockContext(block=block, inputs=dev_acts,
                                block_kwargs=self.block_kwargs(dev_acts[0]) if dev_acts else {},
-                               subsets=self.mspec.subsets, spec=job.spec, special=special, index=index)
+                               subsets=self.subsets[index], spec=job.spec, special=special, index=index,
+                               experts=self.experts[index])
             with torch.no_grad() if not method.needs_grad else torch.enable_grad():
                 result = method.fn(ctx)
-            var.qparams[index] = self._fill_qparams(block, result.qparams, var.spec)
+            var.qparams[index] = self._fill_qparams(index, block, result.qparams, var.spec)
             errors = self._weight_errors(var, index)
             out = self._propagate(var, index, dev_acts, job.quant_out) if propagate else None
         except Exception as e:  # add where it happened, keep the original type and traceback
@@ -290,7 +299,7 @@ class BlockWorker:
         block = var.block(index)
         block.load_state_dict({k[2:]: v for k, v in t.items() if k.startswith("w.")})
         var.spec = job.spec
-        var.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in self.mspec.linears}
+        var.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in linears(self.subsets[index])}
         var.mode = "transformed"
         out = self._propagate(var, index, self._to_dev(acts), job.quant_out) if acts is not None else None
         return out, {**report, "resumed": True}
@@ -300,9 +309,10 @@ class BlockWorker:
         src = self._fake_block(var, index) if quant_out else var.block(index)
         return self._to_cpu(self._run_block(src, dev_acts))
 
-    def _fill_qparams(self, block: nn.Module, given: Dict[str, Any], spec: QuantSpec) -> Dict[str, Any]:
+    def _fill_qparams(self, index: int, block: nn.Module, given: Dict[str, Any], spec: QuantSpec) -> Dict[str, Any]:
+        """qparams for every linear of the block: the algorithm's, or RTN from the (transformed) weight."""
         out = {}
-        for name in self.mspec.linears:
+        for name in linears(self.subsets[index]):
             qp = given.get(name)
             if qp is None:
                 qp = compute_qparams(block.get_submodule(name).weight.data, spec)
@@ -334,7 +344,7 @@ class BlockWorker:
         var = self.variants[variant]
         var.spec = spec
         for i in self.plan.blocks:
-            var.qparams[i] = self._fill_qparams(var.block(i), {}, spec)
+            var.qparams[i] = self._fill_qparams(i, var.block(i), {}, spec)
         var.mode = "transformed"
 
     def to_fake_quant(self, variant: int = 0) -> None:

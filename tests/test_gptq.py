@@ -243,13 +243,12 @@ def test_stacked_subset_equals_layers_solved_one_by_one(actorder):
     lin = torch.nn.ModuleDict({k: torch.nn.Linear(64, w.shape[0], bias=False) for k, w in zip("qkv", ws)})
     for k, w in zip("qkv", ws):
         lin[k].weight.data = w.clone()
-    from llmc_ray.algorithms.gptq import quantize_subset
-    from llmc_ray.models.spec import Subset
+    from llmc_ray.algorithms.gptq import quantize_group
 
     ctx = BlockContext(block=lin, inputs=[], block_kwargs={}, subsets=(), spec=G32_4,
                        special=GptqSpecial(actorder=actorder, static_groups=True))
     qparams, losses = {}, {}
-    quantize_subset(ctx, Subset("norm", ("q", "k", "v"), "q"), H, ctx.special, qparams, losses)
+    quantize_group(ctx, ("q", "k", "v"), H, ctx.special, qparams, losses)
     for k, w in zip("qkv", ws):
         alone = gptq_solve(w, H, G32_4, actorder=actorder, static_groups=True)
         torch.testing.assert_close(lin[k].weight.data, alone.q, rtol=0, atol=1e-6)

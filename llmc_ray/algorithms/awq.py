@@ -20,7 +20,7 @@ from torch import nn
 
 from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant, to_groups
-from .base import BlockContext, BlockResult, register
+from .base import BlockContext, BlockResult, expert_coverage, register, token_count
 
 TRANS_VERSIONS = ("v1", "v2")
 CLIP_VERSIONS = ("v1",)
@@ -156,9 +156,16 @@ def search_scale(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor], 
 
 def scale_target(ctx: BlockContext, subset: Subset) -> Tuple[Optional[str], str]:
     """('linear' | 'norm' | None, why): how prev_op can absorb 1/s. A linear must produce exactly the layers'
-    input (GQA's narrow v_proj feeding o_proj does not: skipped, as llmc/AutoAWQ do without GQA transforms)."""
+    input (GQA's narrow v_proj feeding o_proj does not: skipped, as llmc/AutoAWQ do without GQA transforms).
+    Modules in `absorb` (routers) must take s into weight columns of the same width."""
+    if subset.prev_op is None:
+        return None, "no prev_op: quantized without a scale"
     prev = ctx.module(subset.prev_op)
     width = ctx.module(subset.layers[0]).weight.shape[1]
+    for name in subset.absorb:
+        w = getattr(ctx.module(name), "weight", None)
+        if not (isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[1] == width):
+            return None, f"{name} reads the same input but has no [*, {width}] weight to absorb the scale"
     if isinstance(prev, nn.Linear):
         if prev.out_features != width:
             return None, f"{subset.prev_op} has out_features {prev.out_features} != in_features {width}"
@@ -170,7 +177,8 @@ def scale_target(ctx: BlockContext, subset: Subset) -> Tuple[Optional[str], str]
 
 
 def apply_scale(ctx: BlockContext, subset: Subset, s: torch.Tensor, kind: str) -> None:
-    """prev_op output /= s (norm weight and bias, or linear rows and bias); layers' columns *= s."""
+    """prev_op output /= s (norm weight and bias, or linear rows and bias); layers' and absorbing modules'
+    (routers') columns *= s."""
     prev = ctx.module(subset.prev_op)
     if kind == "linear":
         prev.weight.data = (prev.weight.data.float() / s.view(-1, 1)).to(prev.weight.dtype)
@@ -178,7 +186,7 @@ def apply_scale(ctx: BlockContext, subset: Subset, s: torch.Tensor, kind: str) -
         prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
     if getattr(prev, "bias", None) is not None:
         prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-    for name in subset.layers:
+    for name in subset.layers + subset.absorb:
         m = ctx.module(name)
         m.weight.data = (m.weight.data.float() * s.view(1, -1)).to(m.weight.dtype)
 
@@ -270,30 +278,41 @@ def skip_clip(name: str, patterns: Sequence[str]) -> bool:
 @register("Awq", AwqSpecial)
 @torch.no_grad()
 def awq(ctx: BlockContext) -> BlockResult:
+    """Scales are searched on each subset's inspect input (all tokens the inspect module sees); clipping
+    uses each layer's own input (a routed expert's: only its tokens). A group of layers that got no
+    calibration tokens (a starved expert) keeps its weights: no scale of its own, no clip, RTN qparams; it
+    still takes the shared norm's scale, which the transform needs to stay exact."""
     sp: AwqSpecial = ctx.special
-    firsts = [s.layers[0] for s in ctx.subsets]
-    captured = ctx.capture_inputs(list(dict.fromkeys(firsts)))
-    feats: List[List[torch.Tensor]] = [list(captured[n]) for n in firsts]
+    groups = {g[0]: g for s in ctx.subsets for g in s.groups()}  # first layer -> layers sharing its input
+    captured = ctx.capture_inputs(list(dict.fromkeys([s.inspect for s in ctx.subsets] + list(groups))))
+    inspect_in = {s.inspect: captured[s.inspect] for s in ctx.subsets}
+    layer_in: Dict[str, List[torch.Tensor]] = {g0: list(captured[g0]) for g0 in groups}
+    tokens = {n: token_count(layer_in[g0]) for g0, g in groups.items() for n in g}
     info: Dict[str, object] = {"ratios": {}, "skipped": {}, "clipped_frac": {}}
 
     if sp.trans:
-        for i, subset in enumerate(ctx.subsets):
+        for subset in ctx.subsets:
             kind, why = scale_target(ctx, subset)
+            if kind is not None and not inspect_in[subset.inspect]:
+                kind, why = None, "no calibration tokens"
             if kind is None:
                 info["skipped"][subset.inspect] = why
                 continue
-            found = search_scale(ctx, subset, feats[i], sp.trans_version, sp.n_grid)
+            found = search_scale(ctx, subset, inspect_in[subset.inspect], sp.trans_version, sp.n_grid)
             apply_scale(ctx, subset, found.scales, kind)
             # the layers now see x / s: the clip search must use the same inputs
-            feats[i] = [(x.float() / found.scales).to(x.dtype) for x in feats[i]]
+            for g in subset.groups():
+                layer_in[g[0]] = [(x.float() / found.scales).to(x.dtype) for x in layer_in[g[0]]]
             info["ratios"][subset.inspect] = found.ratio
 
     if sp.weight_clip:
         sym = ctx.spec.symmetric if sp.clip_sym is None else sp.clip_sym
-        n_tokens = sp.clip_n_tokens or feats[0][0].shape[-2]
-        for i, subset in enumerate(ctx.subsets):
-            x = sample_tokens(feats[i], n_tokens)
-            for name in subset.layers:
+        n_tokens = sp.clip_n_tokens or ctx.inputs[0].shape[-2]
+        for g0, group in groups.items():
+            if not layer_in[g0]:
+                continue  # no tokens: nothing to measure the clip against
+            x = sample_tokens(layer_in[g0], n_tokens)
+            for name in group:
                 if skip_clip(name, sp.clip_skip):
                     continue
                 m = ctx.module(name)
@@ -303,6 +322,6 @@ def awq(ctx: BlockContext) -> BlockResult:
                 # share of groups whose range was shrunk, for the report
                 info["clipped_frac"][name] = (found.err < found.err_noclip).float().mean().item()
 
+    info.update(expert_coverage(ctx.experts, tokens))
     # the transformed weights get plain RTN qparams downstream
     return BlockResult(qparams={n: None for s in ctx.subsets for n in s.layers}, info=info)
-

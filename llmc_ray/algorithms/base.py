@@ -29,6 +29,7 @@ class BlockContext:
     spec: QuantSpec
     special: Any  # the method's frozen settings dataclass
     index: int = 0  # block index, for error messages and reports
+    experts: Tuple[str, ...] = ()  # the block's routed experts (module names), for the coverage report
 
     def module(self, name: str) -> nn.Module:
         return self.block.get_submodule(name)
@@ -42,10 +43,10 @@ class BlockContext:
         return first_tensor(self.module(subset.inspect)(x, **kwargs))
 
     def capture_inputs(self, names: List[str]) -> Dict[str, List[torch.Tensor]]:
-        """Run the block over all inputs and record what each named module receives."""
+        """Run the block over all inputs and record what each named module receives (a routed expert's
+        linears: only the tokens routed to it; none if it got none)."""
         seen: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-        with forward_pre_hooks({n: self.module(n) for n in names},
-                               lambda n, args: seen[n].append(args[0].detach())):
+        with forward_pre_hooks({n: self.module(n) for n in names}, lambda n, x: seen[n].append(x.detach())):
             with torch.no_grad():
                 for x in self.inputs:
                     self.forward(x)
@@ -62,15 +63,37 @@ def first_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def module_input(args: tuple, kwargs: Dict[str, Any]) -> torch.Tensor:
+    """A module's input: its first positional argument, or `hidden_states=` (transformers' decoder layers
+    call attention with keywords)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @contextlib.contextmanager
-def forward_pre_hooks(modules: Dict[str, nn.Module], fn: Callable[[str, tuple], None]) -> Iterator[None]:
-    """The one place hooks are registered; they are removed however the block exits."""
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: fn(n, args)) for n, m in modules.items()]
+def forward_pre_hooks(modules: Dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """The one place hooks are registered: `fn(name, input)` before each call; they are removed however the
+    block exits."""
+    handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, n=n: fn(n, module_input(args, kwargs)),
+                                           with_kwargs=True) for n, m in modules.items()]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def token_count(xs: List[torch.Tensor]) -> int:
+    """Tokens (rows over the last dim) in a list of captured inputs."""
+    return sum(x.numel() // x.shape[-1] for x in xs)
+
+
+def expert_coverage(experts: Tuple[str, ...], tokens: Dict[str, int]) -> Dict[str, Any]:
+    """Report entries for a MoE block: calibration tokens each routed expert got (from the token counts of
+    its linears, `tokens[layer]`) and the experts that got none (their linears fall back to RTN)."""
+    if not experts:
+        return {}
+    counts = {e: max([n for layer, n in tokens.items() if layer.startswith(e + ".")], default=0) for e in experts}
+    return {"expert_tokens": counts, "experts_without_tokens": [e for e, n in counts.items() if n == 0]}
 
 
 @dataclass(frozen=True)

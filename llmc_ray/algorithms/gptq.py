@@ -18,7 +18,7 @@ import torch
 
 from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
-from .base import BlockContext, BlockResult, QParams, forward_pre_hooks, register
+from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,17 @@ def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> Tuple[torch.
 
 
 class HessianStats:
-    """H of one linear's input, fed micro-batch by micro-batch (no activations are kept)."""
+    """H of one linear's input, fed micro-batch by micro-batch (no activations are kept). `tokens` counts
+    the rows seen (a routed expert's linear sees only its tokens, possibly none)."""
 
     def __init__(self, columns: int, device: torch.device) -> None:
         self.H = torch.zeros(columns, columns, device=device, dtype=torch.float32)
         self.n = 0
+        self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
         self.H, self.n = accumulate_hessian(self.H, self.n, x.detach())
+        self.tokens += x.numel() // x.shape[-1]
 
 
 # ---------------------------------------------------------------- the solver
@@ -223,22 +226,23 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
 
 
 def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset]) -> Dict[str, HessianStats]:
-    """One forward of the current block over all inputs, accumulating H at each subset's (shared) input."""
-    names = [s.layers[0] for s in subsets]
+    """One forward of the current block over all inputs, accumulating H at each input group's first layer
+    (layers of a group share their input)."""
+    names = [g[0] for s in subsets for g in s.groups()]
     stats = {n: HessianStats(ctx.module(n).weight.shape[1], ctx.module(n).weight.device) for n in names}
-    with forward_pre_hooks({n: ctx.module(n) for n in names}, lambda n, args: stats[n].add_batch(args[0])):
+    with forward_pre_hooks({n: ctx.module(n) for n in names}, lambda n, x: stats[n].add_batch(x)):
         with torch.no_grad():
             for x in ctx.inputs:
                 ctx.forward(x)
     return stats
 
 
-def quantize_subset(ctx: BlockContext, subset: Subset, H: torch.Tensor, sp: GptqSpecial,
-                    qparams: Dict[str, Optional[QParams]], losses: Dict[str, float]) -> None:
-    """Layers of a subset share H, and GPTQ treats rows independently given H, so their rows are stacked and
-    solved in one column sweep (q/k/v: one sweep instead of three; the sweep is launch-bound). per_tensor
-    qparams span a whole layer, so those layers are solved one by one."""
-    names = list(subset.layers)
+def quantize_group(ctx: BlockContext, names: Sequence[str], H: torch.Tensor, sp: GptqSpecial,
+                   qparams: Dict[str, Optional[QParams]], losses: Dict[str, float]) -> None:
+    """Layers sharing H, and GPTQ treats rows independently given H, so their rows are stacked and solved in
+    one column sweep (q/k/v: one sweep instead of three; the sweep is launch-bound). per_tensor qparams span
+    a whole layer, so those layers are solved one by one."""
+    names = list(names)
     batches = [[n] for n in names] if ctx.spec.granularity == "per_tensor" else [names]
     for batch in batches:
         W = torch.cat([ctx.module(n).weight.data for n in batch])
@@ -253,6 +257,32 @@ def quantize_subset(ctx: BlockContext, subset: Subset, H: torch.Tensor, sp: Gptq
             r0 = rows.stop
 
 
+def quantize_subset(ctx: BlockContext, subset: Subset, stats: Dict[str, HessianStats], sp: GptqSpecial,
+                    qparams: Dict[str, Optional[QParams]], losses: Dict[str, float],
+                    tokens: Dict[str, int]) -> None:
+    """Each input group on its own H. A group that saw no tokens (a starved expert) has no H to solve with:
+    its weights stay as they are and get RTN qparams (None)."""
+    for group in subset.groups():
+        st = stats[group[0]]
+        tokens.update({n: st.tokens for n in group})
+        if st.tokens == 0:
+            qparams.update({n: None for n in group})
+            continue
+        quantize_group(ctx, group, st.H, sp, qparams, losses)
+
+
+def stages(subsets: Sequence[Subset]) -> List[List[Subset]]:
+    """Runs of consecutive subsets with the same non-empty `stage` (independent experts) form one stage;
+    every other subset is a stage of its own."""
+    out: List[List[Subset]] = []
+    for s in subsets:
+        if out and s.stage and out[-1][-1].stage == s.stage:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
 def act_order_groups(spec: QuantSpec, sp: GptqSpecial) -> bool:
     """Groups follow the act order, so they are not consecutive columns: no [out, n_groups] layout exists."""
     return spec.granularity == "per_group" and sp.actorder and not sp.static_groups
@@ -264,17 +294,16 @@ def gptq(ctx: BlockContext) -> BlockResult:
     sp: GptqSpecial = ctx.special
     qparams: Dict[str, Optional[QParams]] = {}
     losses: Dict[str, float] = {}
-    if sp.true_sequential:
-        for subset in ctx.subsets:
-            stats = collect_hessians(ctx, [subset])
-            quantize_subset(ctx, subset, stats[subset.layers[0]].H, sp, qparams, losses)
-    else:
-        stats = collect_hessians(ctx, ctx.subsets)
-        for subset in ctx.subsets:
-            quantize_subset(ctx, subset, stats[subset.layers[0]].H, sp, qparams, losses)
+    tokens: Dict[str, int] = {}
+    # true_sequential: each stage's inputs are captured with the earlier stages already quantized
+    for stage in stages(ctx.subsets) if sp.true_sequential else [list(ctx.subsets)]:
+        stats = collect_hessians(ctx, stage)
+        for subset in stage:
+            quantize_subset(ctx, subset, stats, sp, qparams, losses, tokens)
     info: Dict[str, object] = {"loss": losses, "act_order_groups": act_order_groups(ctx.spec, sp)}
     if info["act_order_groups"]:
         info["note"] = ("actorder without static_groups: group qparams follow the act order, so the weight "
                         "(Q) is returned without qparams; RTN qparams recomputed from Q in consecutive groups "
                         "may not reproduce Q exactly")
+    info.update(expert_coverage(ctx.experts, tokens))
     return BlockResult(qparams=qparams, info=info)
