@@ -116,6 +116,7 @@ class Point:
     results: Dict[str, Any] = field(default_factory=dict)
     error: Optional[BaseException] = None
     calib_ids: Any = None
+    in_sweep: bool = False
     timer: Timer = field(default_factory=Timer)
 
     @property
@@ -137,7 +138,7 @@ def run_many(cfgs: Sequence[RunConfig]) -> List[Any]:
     todo = [k for k, o in enumerate(outcome) if o is None]
     if todo:
         check_shared([cfgs[k] for k in todo])
-        points = [Point(cfgs[k]) for k in todo]
+        points = [Point(cfgs[k], in_sweep=len(todo) > 1) for k in todo]
         _run_points(points)
         for k, pt in zip(todo, points):
             outcome[k] = pt.error if pt.error is not None else pt.results
@@ -145,7 +146,8 @@ def run_many(cfgs: Sequence[RunConfig]) -> List[Any]:
 
 
 def _fail(pt: Point, e: BaseException) -> None:
-    log.error("sweep point %s failed: %s", pt.out_dir, e)
+    if pt.in_sweep:  # say so now, the other points go on (a single run raises it instead)
+        log.error("sweep point %s failed: %s", pt.out_dir, e)
     pt.error = e
 
 
