@@ -30,7 +30,8 @@ ARCHS: Dict[str, dict] = {
                      num_hidden_layers=28, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
                      rope_theta=1000000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
     # MoE: 64 routed experts (6 per token) + 2 shared, MLA attention with q_lora_rank null, block 0 dense.
-    # scoring_func is not a DeepseekV2Config field (transformers' router always uses softmax, which it is);
+    # scoring_func is not a DeepseekV2Config field (transformers' router always uses softmax, which it is) and
+    # rope_theta is moved into rope_parameters by the config;
     # rope_scaling (yarn) is left out: it changes no shape.
     "deepseek-v2-lite": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=2048,
                              num_hidden_layers=27, intermediate_size=10944, moe_intermediate_size=1408,

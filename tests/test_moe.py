@@ -422,6 +422,25 @@ def test_synthetic_deepseek_v2_lite_parameter_count(tmp_path, monkeypatch):
     assert "model.layers.0.mlp.down_proj.weight" in ckpt.tensors  # block 0 dense
 
 
+def test_synthetic_moe_configs_are_read_as_written(tmp_path, monkeypatch):
+    """Every key of the published config.json we write is a field of transformers' config class and is read
+    back unchanged, except the documented ones (scoring_func: not a field, softmax is what HF's router does;
+    rope_theta: moved into rope_parameters)."""
+    from llmc_ray import synthetic
+
+    monkeypatch.setenv("LLMC_RAY_CACHE", str(tmp_path))
+    meta_keys = {"architectures", "model_type", "torch_dtype"}
+    cases = (("deepseek-v2-lite", {"scoring_func", "rope_theta"}), ("qwen1.5-moe-a2.7b", {"rope_theta"}))
+    for arch, not_fields in cases:
+        cfg = Checkpoint(resolve_model_dir(f"synthetic:{arch}:2")).config()
+        written = synthetic.ARCHS[arch]
+        assert {k for k in written if k not in type(cfg).__dataclass_fields__} - meta_keys == not_fields
+        for k, v in written.items():
+            if k not in meta_keys | not_fields | {"num_hidden_layers"}:
+                assert getattr(cfg, k) == v, (arch, k)
+        assert cfg.rope_parameters["rope_theta"] == written["rope_theta"]
+
+
 def test_synthetic_qwen15_moe_parameter_count(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMC_RAY_CACHE", str(tmp_path))
     ckpt = Checkpoint(resolve_model_dir("synthetic:qwen1.5-moe-a2.7b:24"))
