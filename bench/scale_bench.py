@@ -1,7 +1,8 @@
 """Scale benchmark on synthetic full-width models (seeded random weights: timings and memory only, never PPL).
 
     python bench/scale_bench.py OUT_DIR CASE [CASE ...]
-    CASE = arch:layers:method:schedule:actors[:calib_bs]   e.g. qwen2-7b:4:Awq:parallel:2:16
+    CASE = arch:layers:method:schedule:actors[:calib_bs[:group_size]]   e.g. qwen2-7b:4:Awq:parallel:2:16
+           (group_size 128 by default; DeepSeek-V2-Lite needs 64: its dense down_proj has 10944 inputs)
            method RTN runs eval only (32 windows of 2048 tokens, 4 per batch) and measures the eval pipeline.
 
 Each case is one `llmc_ray.run.run` in this process (Ray started once); prints one table row per case and
@@ -27,13 +28,14 @@ QUANT = {"Awq": {"trans": True, "trans_version": "v2", "weight_clip": True, "cli
 def case_config(case: str, out: Path):
     arch, layers, method, schedule, actors, *rest = case.split(":")
     calib_bs = int(rest[0]) if rest else 16
+    group = int(rest[1]) if len(rest) > 1 else 128
     eval_only = method == "RTN"
     return build({
         "model": {"path": f"synthetic:{arch}:{layers}", "torch_dtype": "bfloat16"},
         "calib": {"n_samples": 128, "seq_len": 512, "bs": calib_bs},
         "eval": {"seq_len": 2048, "bs": 4, "num_samples": 32 if eval_only else 4,
                  "eval_pos": ["pretrain"] if eval_only else []},
-        "quant": {"method": method, "weight": {"bit": 4, "group_size": 128}, "special": QUANT[method],
+        "quant": {"method": method, "weight": {"bit": 4, "group_size": group}, "special": QUANT[method],
                   "quant_out": not eval_only},
         "save": {"save_path": str(out / case.replace(":", "_"))},
         "dist": {"actors": int(actors), "device": "cuda", "cpus_per_actor": 4, "schedule": schedule},

@@ -387,7 +387,7 @@ def test_worker_quantizes_starved_experts_and_reports_them(method, starved_qwen_
     assert report["info"]["experts_without_tokens"] == [f"mlp.experts.{e}" for e in STARVED]
     assert report["info"]["expert_tokens"] == {f"mlp.experts.{e}": c for e, c in enumerate(counts)}
     expert_linears = {f"mlp.experts.{e}.{n}" for e in range(8) for n in ("gate_proj", "up_proj", "down_proj")}
-    assert expert_linears <= set(w.qparams[0]) and expert_linears <= set(report["weight_rel_err"])
+    assert expert_linears <= set(w.variants[0].qparams[0]) and expert_linears <= set(report["weight_rel_err"])
     w.to_fake_quant()
     for name in expert_linears:
         assert not torch.equal(w.blocks[0].get_submodule(name).weight, fp[name + ".weight"]), name
