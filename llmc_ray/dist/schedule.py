@@ -62,11 +62,6 @@ def perplexities(group: ActorGroup, windows: torch.Tensor, bs: int, variants: Se
             for part in (sums[k * per:(k + 1) * per] for k in range(len(variants)))]
 
 
-def perplexity(group: ActorGroup, windows: torch.Tensor, bs: int, desc: str, progress: bool = True) -> float:
-    """PPL of the loaded fp blocks."""
-    return perplexities(group, windows, bs, [None], desc, progress)[0]
-
-
 def _actor_lost(group: ActorGroup, job, block: int, done: Sequence[int], e: Exception) -> ActorLost:
     rank = next(p.rank for p in group.plans if block in p.blocks)
     saved = f"; blocks {block_ranges(done)} are saved in {job.checkpoint_dir}" if job.checkpoint_dir and done else ""
