@@ -156,10 +156,12 @@ def check_quantized(model, originals: Dict[str, torch.Tensor], bits: int, symmet
         zp = m.weight_zero_point.float() if not symmetric else torch.zeros_like(scale)
         out_f, in_f = w_eff.shape
         codes = w_eff.view(out_f, in_f // group_size, group_size) / scale[..., None] + zp[..., None]
-        # bf16 weights round (q - zp) * s to 8 mantissa bits: allow that much, far below the 0.5 of a code
-        tol = 1e-3 if w.dtype == torch.float32 else 0.05 * (2 ** bits)
+        # a 16-bit weight holds (q - zp) * s after one or two roundings to 8 (bf16) significant bits: the code
+        # then carries an error below |q - zp| * 2^-7 < 2^(bits-7) (0.05 seen at w4), far from the 0.5 between codes
+        tol = 1e-3 if w.dtype == torch.float32 else 2.0 ** (bits - 7)
         err = (codes - codes.round()).abs().max().item()
         lo, hi = codes.round().min().item(), codes.round().max().item()
+        assert tol < 0.5, f"--bits {bits} with {w.dtype} weights: the grid check cannot tell codes apart"
         assert err <= tol and lo >= qmin and hi <= qmax, f"{name}: effective weight off the int{bits} grid " \
                                                           f"(max |code - round| {err:.3g}, codes {lo}..{hi})"
         worst = max(worst, err)
