@@ -45,7 +45,11 @@ class CalibConfig:
     path: Optional[str] = None  # txt / jsonl / dataset saved with save_to_disk / directory of .txt
     n_samples: int = 128
     seq_len: int = 512
-    bs: int = 1  # samples per forward micro-batch inside a block
+    bs: int = 1  # samples per micro-batch handed between actors
+    # an actor joins consecutive micro-batches into forwards of up to this many tokens before calibrating a
+    # block (null: calibrate on bs-sample micro-batches as handed over). Bigger forwards mean fewer kernel
+    # launches; the calibration math is the same (sums over all tokens), so only float rounding changes.
+    merge_tokens: Optional[int] = 65536
     preproc: str = "general"
     seed: int = 42
     # custom text: which files/lines to take (lets calib and eval read disjoint parts of one corpus)
@@ -55,6 +59,8 @@ class CalibConfig:
         _require(self.name in CALIB_NAMES, f"calib.name={self.name!r}: use one of {CALIB_NAMES}")
         _require(self.n_samples > 0 and self.seq_len > 0 and self.bs > 0,
                  "calib.n_samples, calib.seq_len and calib.bs must be positive")
+        _require(self.merge_tokens is None or self.merge_tokens > 0,
+                 f"calib.merge_tokens={self.merge_tokens}: use a positive token count, or null to keep calib.bs")
 
 
 @dataclass

@@ -272,7 +272,8 @@ def _calibrate(group, pts: List[Point], schedule_name: str, progress: bool) -> N
         ckpt_dir, done = block_checkpoints(pt.cfg, pt.out_dir, n_layers)
         finished.append(done)
         jobs.append(CalibJob(pt.plan.method.name, dict(pt.cfg.quant.special), pt.plan.qspec, pt.cfg.quant.quant_out,
-                             str(ckpt_dir) if ckpt_dir else None, variant=pt.variant))
+                             str(ckpt_dir) if ckpt_dir else None, variant=pt.variant,
+                             merge_tokens=pt.cfg.calib.merge_tokens))
     bs = pts[0].cfg.calib.bs
     if schedule_name == "sequential":
         reports = schedule.calibrate_sequential(group, [pt.calib_ids for pt in pts], bs, jobs, n_layers, progress,

@@ -25,6 +25,11 @@ ARCHS: Dict[str, dict] = {
                        intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                        num_hidden_layers=80, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="bfloat16"),
+    # SmolLM2-135M (HuggingFaceTB): the real small model's shape, for timing without staging its weights
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576,
+                         intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=30, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True, torch_dtype="bfloat16"),
     "qwen2-7b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=3584,
                      intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
                      num_hidden_layers=28, vocab_size=152064, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -94,7 +99,11 @@ def tensor_shapes(config) -> Dict[str, tuple]:
     from .checkpoint import meta_model
     from .models import get_spec
 
-    return {k: tuple(v.shape) for k, v in meta_model(config, get_spec(config.model_type)).state_dict().items()}
+    spec = get_spec(config.model_type)
+    shapes = {k: tuple(v.shape) for k, v in meta_model(config, spec).state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):  # the head is the embedding: checkpoints store it once
+        shapes.pop(f"{spec.lm_head}.weight", None)
+    return shapes
 
 
 def synthetic_tokens(n: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:

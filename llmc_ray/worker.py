@@ -52,6 +52,33 @@ class CalibJob:
     quant_out: bool
     checkpoint_dir: Optional[str] = None  # where each finished block is saved (None: not saved)
     variant: int = 0  # which sweep point's copy of the blocks this job transforms
+    merge_tokens: Optional[int] = None  # join micro-batches into forwards of up to this many tokens (calib.merge_tokens)
+
+
+@dataclass(frozen=True)
+class KeptOnDevice:
+    """Handed on instead of activations when the next block lives on the same actor: the outputs stay on the
+    device (no copy to host, no trip through Ray's object store) until that block takes them."""
+    variant: int
+    block: int  # the block whose inputs these are
+
+
+def merge_batches(acts: Acts, max_tokens: Optional[int]) -> Acts:
+    """Consecutive micro-batches of the same shape joined along the batch dim into chunks of at most
+    `max_tokens` tokens (a micro-batch already larger stays whole). Order is kept; every calibration
+    statistic is a sum over tokens, so only the number of forwards changes."""
+    if not max_tokens or len(acts) < 2:
+        return acts
+    out: Acts = []
+    run: Acts = []
+    for a in acts:
+        tokens = a.numel() // a.shape[-1]
+        if run and (a.shape[1:] != run[0].shape[1:] or sum(r.numel() // r.shape[-1] for r in run) + tokens > max_tokens):
+            out.append(torch.cat(run) if len(run) > 1 else run[0])
+            run = []
+        run.append(a)
+    out.append(torch.cat(run) if len(run) > 1 else run[0])
+    return out
 
 
 class Variant:
@@ -89,6 +116,8 @@ class BlockWorker:
         self.experts: Dict[int, Tuple[str, ...]] = {}  # each block's routed experts (module names)
         # parallel schedule: each block's captured fp inputs, in host memory or (spill_dir) as files
         self.stored: Dict[int, List[Any]] = {}
+        # sequential schedule: a block's outputs kept on the device for the next block on this actor
+        self.kept: Dict[int, Tuple[int, Acts]] = {}  # variant -> (block they feed, activations)
         self.set_variants(1)
 
     def set_variants(self, n: int) -> None:
@@ -150,8 +179,31 @@ class BlockWorker:
         return [a.to(self.device, self.dtype) for a in acts]
 
     @staticmethod
-    def _to_cpu(acts: Acts) -> Acts:
+    def _to_cpu(acts: Acts, pin: bool = True) -> Acts:
+        """Host copies. Short-lived ones (hand-offs) go through pinned buffers, several times faster than
+        pageable copies; long-lived ones (pin=False: stored captures) must not lock host memory."""
+        if pin and acts and acts[0].is_cuda:
+            out = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True).copy_(a, non_blocking=True) for a in acts]
+            torch.cuda.current_stream(acts[0].device).synchronize()
+            return out
         return [a.to("cpu") for a in acts]
+
+    def _take(self, acts: Any, index: int, job: "CalibJob") -> Optional[Acts]:
+        """A block's inputs on the device: activations from another actor, or the ones this actor kept."""
+        if isinstance(acts, KeptOnDevice):
+            held = self.kept.get(acts.variant)
+            if held is None or held[0] != index or acts.block != index:
+                raise RuntimeError(f"block {index}: no activations were kept on this actor for it "
+                                   f"(kept for block {held[0] if held else None})")
+            return self.kept.pop(acts.variant)[1]
+        return self._to_dev(acts) if acts is not None else None
+
+    def _hand_on(self, out: Acts, index: int, job: "CalibJob", keep: bool) -> Any:
+        """The next block's inputs: kept on the device when that block is ours (`keep`), else host copies."""
+        if keep:
+            self.kept[job.variant] = (index + 1, out)
+            return KeptOnDevice(job.variant, index + 1)
+        return self._to_cpu(out)
 
     @torch.no_grad()
     def _run_block(self, block: nn.Module, acts: Acts) -> Acts:
@@ -195,10 +247,14 @@ class BlockWorker:
         """Inputs of the first block: the embedded calibration tokens (first worker only)."""
         return self._to_cpu(self.embed_tokens(ids, bs))
 
-    def calibrate_block(self, index: int, acts: Optional[Acts], job: CalibJob) -> Tuple[Optional[Acts], Dict[str, Any]]:
-        """Sequential schedule: transform block `index` on its captured inputs; return the next block's inputs
-        (this block's transformed, or with quant_out fake-quantized, outputs) and a report."""
-        return self._calibrate(index, acts, job, propagate=acts is not None)
+    def calibrate_block(self, index: int, acts: Any, job: CalibJob,
+                        keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
+        """Sequential schedule: transform block `index` on its inputs (host activations, or KeptOnDevice);
+        return the next block's inputs (this block's transformed, or with quant_out fake-quantized, outputs;
+        KeptOnDevice when `keep`: the next block is on this actor) and a report."""
+        dev = self._take(acts, index, job)
+        out, report = self._calibrate(index, dev, job, propagate=dev is not None)
+        return (self._hand_on(out, index, job, keep) if out is not None else None), report
 
     def capture(self, x: Any, bs: int = 1, skip: Tuple[int, ...] = ()) -> Optional[Acts]:
         """Parallel schedule, pass 1: keep every own block's fp inputs for this chunk of calibration data
@@ -207,7 +263,7 @@ class BlockWorker:
         acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
         for i in self.plan.blocks:
             if i not in skip:
-                self._store(i, self._to_cpu(acts))
+                self._store(i, self._to_cpu(acts, pin=False))
             acts = self._run_block(self.blocks[i], acts)
         return None if self.plan.last else self._to_cpu(acts)
 
@@ -215,7 +271,7 @@ class BlockWorker:
         """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it (the last sweep
         point frees them)."""
         last = job.variant == len(self.variants) - 1
-        _, report = self._calibrate(index, self._stored(index), job, propagate=False)
+        _, report = self._calibrate(index, self._to_dev(self._stored(index)), job, propagate=False)
         if last:
             self._drop_stored(index)
         return report
@@ -245,7 +301,9 @@ class BlockWorker:
             except OSError:
                 pass
 
-    def _calibrate(self, index: int, acts: Optional[Acts], job: CalibJob, propagate: bool):
+    def _calibrate(self, index: int, dev_acts: Optional[Acts], job: CalibJob, propagate: bool):
+        """Transform block `index` on its inputs (on the device); the next block's inputs (on the device)
+        when `propagate`, and the report."""
         if os.environ.get("LLMC_RAY_CRASH_AT_BLOCK") == str(index):
             os._exit(1)  # fault injection for the resume tests: dies like an OOM-killed actor
         t0 = time.perf_counter()
@@ -253,7 +311,7 @@ class BlockWorker:
         var = self.variants[job.variant]
         var.spec = job.spec
         block = var.block(index)
-        dev_acts = self._to_dev(acts) if acts is not None else []
+        dev_acts = merge_batches(dev_acts or [], job.merge_tokens)
         try:
             ctx = BlockContext(block=block, inputs=dev_acts,
                                block_kwargs=self.block_kwargs(dev_acts[0]) if dev_acts else {},
@@ -286,10 +344,12 @@ class BlockWorker:
         save_file(tensors, str(tmp), metadata={"report": json.dumps(report)})
         tmp.replace(final)
 
-    def restore_block(self, index: int, acts: Optional[Acts], job: CalibJob) -> Tuple[Optional[Acts], Dict[str, Any]]:
+    def restore_block(self, index: int, acts: Any, job: CalibJob, keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
         """Resume: load a block finished by an earlier run instead of calibrating it, then hand on the same
         outputs the original run handed on (transformed or, with quant_out, fake-quantized)."""
         from safetensors import safe_open
+
+        dev = self._take(acts, index, job)
 
         path = block_checkpoint(Path(job.checkpoint_dir), index)
         with safe_open(str(path), framework="pt") as fh:
@@ -301,13 +361,16 @@ class BlockWorker:
         var.spec = job.spec
         var.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in linears(self.subsets[index])}
         var.mode = "transformed"
-        out = self._propagate(var, index, self._to_dev(acts), job.quant_out) if acts is not None else None
-        return out, {**report, "resumed": True}
+        if dev is None:
+            return None, {**report, "resumed": True}
+        out = self._propagate(var, index, merge_batches(dev, job.merge_tokens), job.quant_out)
+        return self._hand_on(out, index, job, keep), {**report, "resumed": True}
 
     def _propagate(self, var: Variant, index: int, dev_acts: Acts, quant_out: bool) -> Acts:
-        """The next block's inputs: this block's output, fake-quantized first when quant_out (llmc)."""
+        """The next block's inputs (on the device): this block's output, fake-quantized first when quant_out
+        (llmc)."""
         src = self._fake_block(var, index) if quant_out else var.block(index)
-        return self._to_cpu(self._run_block(src, dev_acts))
+        return self._run_block(src, dev_acts)
 
     def _fill_qparams(self, index: int, block: nn.Module, given: Dict[str, Any], spec: QuantSpec) -> Dict[str, Any]:
         """qparams for every linear of the block: the algorithm's, or RTN from the (transformed) weight."""

@@ -32,9 +32,11 @@ def test_shapes_follow_the_architecture_and_weights_are_seeded(tiny_arch):
 
 def test_real_arch_sizes(tmp_path, monkeypatch):
     """Parameter counts of the written configs match the published models (Llama-2-70B: 68,976,653,312,
-    which counts the 80 layers' stored rotary inv_freq buffers of 64 floats; Qwen2-7B: 7,615,616,512)."""
+    which counts the 80 layers' stored rotary inv_freq buffers of 64 floats; Qwen2-7B: 7,615,616,512;
+    SmolLM2-135M: 134,515,008 with the head tied to the embedding)."""
     monkeypatch.setenv("LLMC_RAY_CACHE", str(tmp_path))
-    for path, published in (("synthetic:llama2-70b:80", 68_976_653_312 - 80 * 64), ("synthetic:qwen2-7b:28", 7_615_616_512)):
+    for path, published in (("synthetic:llama2-70b:80", 68_976_653_312 - 80 * 64), ("synthetic:qwen2-7b:28", 7_615_616_512),
+                            ("synthetic:smollm2-135m:30", 134_515_008)):
         ckpt = Checkpoint(resolve_model_dir(path))
         n = sum(t.nbytes for t in ckpt.tensors.values()) // 2  # bf16
         assert n == published, path

@@ -5,7 +5,7 @@
 
 calib.pt / eval.pt: int64 [rows, seq] tensors (bench/llmcompressor/dump_tokens.py writes llmc-ray's own).
 Steps: load the model; pretrain PPL; llm-compressor `oneshot` fed exactly the calibration rows (a DataLoader
-of the rows in order, batch 1: no shuffling, no re-tokenizing); check that the model now computes with
+of the rows in order, --batch-size rows a batch: no shuffling, no re-tokenizing); check that the model now computes with
 quantized weights; quant PPL; write JSON. PPL is llmc-ray's (worker._nll, schedule.perplexity): each eval
 window one causal sequence, batch 1, exp(sum of next-token NLL / count).
 
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma-separated module class names that cut the model into calibration subgraphs "
                          "(default: llm-compressor's, the decoder layer). 'Linear' makes GPTQ true-sequential")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="calibration rows per forward (llm-compressor's default and its advice: 1)")
     return ap.parse_args(argv)
 
 
@@ -115,12 +117,14 @@ def build_recipe(args) -> List:
                          dampening_frac=args.dampening_frac, actorder=actorder)]
 
 
-def calib_loader(calib: torch.Tensor):
-    """The rows in order, one per batch, as {"input_ids": [1, seq]}: no shuffle, pad, truncation or mask."""
+def calib_loader(calib: torch.Tensor, batch_size: int = 1):
+    """The rows in order, `batch_size` a batch, as {"input_ids": [b, seq]}: no shuffle, pad, truncation or mask
+    (every row has the same length, so batching changes no token)."""
     from torch.utils.data import DataLoader
 
     rows = [{"input_ids": r} for r in calib]
-    return DataLoader(rows, batch_size=1, shuffle=False, collate_fn=lambda b: {"input_ids": b[0]["input_ids"][None]})
+    return DataLoader(rows, batch_size=batch_size, shuffle=False,
+                      collate_fn=lambda b: {"input_ids": torch.stack([r["input_ids"] for r in b])})
 
 
 # ---------------------------------------------------------------- did the forward really quantize?
@@ -242,7 +246,7 @@ def main(argv=None) -> Dict[str, object]:
 
         IntermediatesCache.pin_memory = lambda self, *a, **k: None
     n, seq = calib.shape
-    kwargs = dict(model=model, recipe=build_recipe(args), dataset=calib_loader(calib),
+    kwargs = dict(model=model, recipe=build_recipe(args), dataset=calib_loader(calib, args.batch_size),
                   num_calibration_samples=n, max_seq_length=seq, shuffle_calibration_samples=False,
                   pipeline="sequential", output_dir=None)
     if args.sequential_targets:
@@ -268,7 +272,7 @@ def main(argv=None) -> Dict[str, object]:
                 "strategy": "group", "observer": "minmax", "targets": LINEAR_TARGETS, "ignore": ["lm_head"],
                 "device": args.device, "dtype": str(dtype).replace("torch.", ""), "pipeline": "sequential",
                 "sequential_targets": args.sequential_targets or "default (decoder layer)",
-                "calib_shape": list(calib.shape), "eval_shape": list(evals.shape),
+                "calib_shape": list(calib.shape), "eval_shape": list(evals.shape), "batch_size": args.batch_size,
                 "model": str(args.model)}
     if args.method == "awq":
         settings.update(duo_scaling=args.duo_scaling, n_grid=args.n_grid,

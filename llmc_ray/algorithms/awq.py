@@ -12,6 +12,7 @@ The transformed fp weights are what fake-quant/export then quantize with plain R
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -111,44 +112,45 @@ class ScaleSearch(NamedTuple):
 
 
 def inspect_mse(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor],
-                ref: Sequence[torch.Tensor]) -> float:
-    """MSE of the inspect module's output vs `ref` over all micro-batches (one mean over all elements)."""
-    sq, n = 0.0, 0
-    for x, r in zip(xs, ref):
-        out = ctx.call(subset, x)
-        sq += (out.float() - r.float()).pow(2).sum().item()
-        n += r.numel()
-    return sq / n
+                ref: Sequence[torch.Tensor]) -> torch.Tensor:
+    """MSE of the inspect module's output vs `ref` over all micro-batches (one mean over all elements), as a
+    0-d fp32 tensor on the device: reading it back would stall the launch queue once per grid point."""
+    sq = sum((ctx.call(subset, x).float() - r.float()).pow(2).sum() for x, r in zip(xs, ref))
+    return sq / sum(r.numel() for r in ref)
 
 
 def search_scale(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor], version: str,
                  n_grid: int) -> ScaleSearch:
-    """Grid search of the ratio for one subset; layers are restored to their fp weights afterwards."""
+    """Grid search of the ratio for one subset; layers are restored to their fp weights afterwards.
+    The losses of all ratios are read back once, at the end; the first smallest wins (NaN never does)."""
     layers = [ctx.module(n) for n in subset.layers]
     orig = [m.weight.data.clone() for m in layers]
     with torch.no_grad():
         ref = [ctx.call(subset, x) for x in xs]
     x_mean = act_mean(xs)
     w_mean = weight_mean(orig, ctx.spec) if version == "v1" else None
-    best = ScaleSearch(torch.ones_like(x_mean), 0.0, [])
-    best_loss = float("inf")
+
+    def scales(k: int) -> torch.Tensor:
+        return awq_scales(x_mean, w_mean, k / n_grid, version).to(orig[0].device)
+
+    losses = []
     try:
         for k in range(n_grid):
-            ratio = k / n_grid
-            s = awq_scales(x_mean, w_mean, ratio, version).to(orig[0].device)
+            s = scales(k)
             for m, w in zip(layers, orig):
                 # Q(W*s)/s on input x equals Q(W*s) on x/s: keeps the captured inputs untouched
                 m.weight.data = (fake_quant(w.float() * s, ctx.spec) / s).to(w.dtype)
             with torch.no_grad():
-                loss = inspect_mse(ctx, subset, xs, ref)
-            best.losses.append(loss)
-            if loss < best_loss:
-                best_loss = loss
-                best = ScaleSearch(s, ratio, best.losses)
+                losses.append(inspect_mse(ctx, subset, xs, ref))
     finally:
         for m, w in zip(layers, orig):
             m.weight.data = w
-    return best
+    values = torch.stack(losses).tolist()
+    finite = [k for k, v in enumerate(values) if not math.isnan(v)]
+    if not finite:
+        return ScaleSearch(torch.ones_like(x_mean), 0.0, values)
+    best = min(finite, key=values.__getitem__)
+    return ScaleSearch(scales(best), best / n_grid, values)
 
 
 # ---------------------------------------------------------------- applying a scale

@@ -108,7 +108,9 @@ def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: i
         refs = []
         for i in range(n_blocks):
             step = group.owner[i].restore_block if i < (done[j] if done else 0) else group.owner[i].calibrate_block
-            acts, rep = step.options(num_returns=2).remote(i, acts, job)
+            # the next block on the same actor takes the outputs straight from the device
+            keep = i + 1 < n_blocks and group.owner[i + 1] is group.owner[i]
+            acts, rep = step.options(num_returns=2).remote(i, acts, job, keep)
             refs.append(rep)
         report_refs.append(refs)
     return _collect(group, jobs, report_refs, f"calibrate {jobs[0].method}", progress)
