@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128, help="random calibration rows (without --calib)")
     ap.add_argument("--special", nargs="*", default=[], help="k=v (true/false/int/float)")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--merge-tokens", type=int, default=65536, help="calib.merge_tokens (0: no merging)")
     args = ap.parse_args()
 
     def value(v: str):
@@ -112,7 +113,7 @@ def main() -> None:
         ids = torch.load(args.calib)
     else:
         ids = synthetic_tokens(args.n_samples, 512, plan.ckpt.raw_config()["vocab_size"], 42)
-    job = CalibJob(plan.method.name, special, plan.qspec, quant_out=True)
+    job = CalibJob(plan.method.name, special, plan.qspec, quant_out=True, merge_tokens=args.merge_tokens or None)
     instrument()
     acts = worker.calib_inputs(ids, args.bs)
     n = min(args.blocks, plan.n_layers)
@@ -137,7 +138,7 @@ def main() -> None:
             launches = sum(e.count for e in prof.key_averages() if e.key.startswith("cudaLaunchKernel"))
             print(f"block {i}: cudaLaunchKernel calls {launches}")
     total = sum(per_block)
-    print(f"\n{args.model} {args.method} bs={args.bs} special={special}: {n} blocks, {total:.2f} s "
+    print(f"\n{args.model} {args.method} bs={args.bs} merge_tokens={args.merge_tokens} special={special}: {n} blocks, {total:.2f} s "
           f"(per block: {', '.join(f'{t:.2f}' for t in per_block)})")
     print("| phase | s (all blocks) | calls | share |\n|---|---|---|---|")
     for k, v in sorted(PHASES.items(), key=lambda kv: -kv[1]):

@@ -2,10 +2,14 @@
 # One GPU session of benchmarks (device tool, one GPU). Phases, one device call each, run back to back on a
 # warm machine (it keeps /tmp between calls):
 #   stage N   carry .stage/NN: append chunk NN of the SmolLM2 GGUF to /tmp/stage/smollm2.gguf
-#   ours      carry .whl .cache/sotu: GPTQ sweep graph-vs-eager, FLOP floor, llmc-ray AWQ/GPTQ on SmolLM2 and on
-#             a 4-block Qwen2-7B-shape model (also written to /tmp/cmp/q7b4 for llm-compressor), tokens dumped
+#   ours      carry .whl .cache/sotu: dumps the SmolLM2 tokens for llm-compressor, llmc-ray AWQ/GPTQ on SmolLM2
+#             (default and matched settings), block_profile.py with and without micro-batch merging
+#   ours7b    carry .whl .cache/sotu: GPTQ sweep graph-vs-eager, FLOP floor, llmc-ray on a 4-block Qwen2-7B-shape
+#             model (also written to /tmp/cmp/q7b4 for llm-compressor)
+#   verify    carry .whl .cache/sotu: SmolLM2 AWQ/GPTQ rows again, GPTQ without merging at bs=32, 7B-shape blocks
 #   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
-#   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens
+#   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens (BS=32 bash ...: 32 rows
+#             a forward instead of its default 1)
 set -uo pipefail
 phase=$1
 mkdir -p /tmp/stage /tmp/cmp
@@ -13,9 +17,10 @@ if [ "$phase" = stage ]; then cat .stage/$2/* >> /tmp/stage/smollm2.gguf; ls -la
 if [ "$phase" = theirs ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-lc .whl-lc/*.whl || exit 1
   export PYTHONPATH=/tmp/site-lc:$PWD
-  lc() { local name=$1; shift; local t0=$SECONDS
+  BS=${BS:-1}  # calibration rows per forward (llm-compressor's default 1)
+  lc() { local name=${1}_bs$BS; shift; local t0=$SECONDS
          python3 bench/llmcompressor/run_llmcompressor.py --bits 4 --asymmetric --device cuda --dtype bfloat16 \
-           --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1 || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
+           --batch-size $BS --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1 || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
          echo "$name wall $((SECONDS - t0)) s"; }
   SMOL=(--model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt --eval /tmp/cmp/smol/eval.pt --group-size 64)
   Q7=(--model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt --eval /tmp/cmp/q7b4_tok/eval.pt --group-size 128)
@@ -62,7 +67,25 @@ if [ "$phase" = ours ]; then
   ours smol_awq_matched "${SMOL[@]}" "${E[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
   ours smol_gptq "${SMOL[@]}" "${E[@]}" quant=gptq
   ours smol_gptq_matched "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
+  # llm-compressor's default GPTQ: one Hessian pass per decoder layer (not true-sequential)
+  ours smol_gptq_layer "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
   summary
+  # where a block's time goes, micro-batches merged (the default) or not
+  for m in 65536 0; do for q in Awq GPTQ; do
+    python3 bench/block_profile.py synthetic:smollm2-135m:30 $q 1 --blocks 4 --merge-tokens $m 2>&1 | tail -12
+  done; done > $OUT/block_profile.md
+fi
+if [ "$phase" = verify ]; then  # after the data-movement and sync changes: SmolLM2 rows again, 7B-shape blocks
+  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
+  E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
+  ours v_smol_awq "${SMOL[@]}" "${E[@]}" quant=awq
+  ours v_smol_gptq_matched "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
+  ours v_smol_gptq_layer "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  # the same GPTQ on 32-sample forwards without merging (llm-compressor's bs=32 chunking): how far rounding moves PPL
+  ours v_smol_gptq_matched_bs32 "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true calib.bs=32 calib.merge_tokens=null
+  summary
+  python3 bench/block_profile.py synthetic:smollm2-135m:30 GPTQ 1 --blocks 4 --special true_sequential=false 2>&1 | tail -9
+  python3 bench/scale_bench.py $OUT/scale qwen2-7b:4:Awq:sequential:1 qwen2-7b:4:GPTQ:sequential:1 2>&1 | tail -4
 fi
 if [ "$phase" = batched ]; then  # the same SmolLM2 runs with 32 calibration samples per forward
   python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md

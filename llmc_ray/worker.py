@@ -396,11 +396,12 @@ class BlockWorker:
     @staticmethod
     def _weight_errors(var: Variant, index: int) -> Dict[str, float]:
         """||W - q(W)|| / ||W|| per linear: the per-block quantization error plotted in the report."""
-        errs = {}
+        errs = []
         for name, (scale, zero) in var.qparams[index].items():
             w = var.block(index).get_submodule(name).weight.data.float()
-            errs[name] = float((w - fake_quant(w, var.spec, scale, zero)).norm() / w.norm().clamp(min=1e-12))
-        return errs
+            errs.append((w - fake_quant(w, var.spec, scale, zero)).norm() / w.norm().clamp(min=1e-12))
+        # one read-back for the block (each .item() would wait for the GPU)
+        return dict(zip(var.qparams[index], torch.stack(errs).tolist())) if errs else {}
 
     def rtn_all(self, spec: QuantSpec, variant: int = 0) -> None:
         """Quantize without calibration data: every block gets RTN qparams from its weights."""

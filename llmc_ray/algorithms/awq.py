@@ -321,8 +321,11 @@ def awq(ctx: BlockContext) -> BlockResult:
                 found = search_clip(m.weight.data, x.to(m.weight.device), ctx.spec, sym,
                                     sp.clip_n_grid, sp.clip_max_shrink)
                 apply_clip(m, found.lo, found.hi)
-                # share of groups whose range was shrunk, for the report
-                info["clipped_frac"][name] = (found.err < found.err_noclip).float().mean().item()
+                # share of groups whose range was shrunk, for the report (read back once, below)
+                info["clipped_frac"][name] = (found.err < found.err_noclip).float().mean()
+        if info["clipped_frac"]:
+            fracs = torch.stack(list(info["clipped_frac"].values())).tolist()
+            info["clipped_frac"] = dict(zip(info["clipped_frac"], fracs))
 
     info.update(expert_coverage(ctx.experts, tokens))
     # the transformed weights get plain RTN qparams downstream

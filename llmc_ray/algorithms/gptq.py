@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
@@ -78,22 +79,30 @@ class GptqOutput(NamedTuple):
     g_idx: torch.Tensor  # [in] long: the qparams group of each column (arange(in) // g unless act-order groups)
     perm: Optional[torch.Tensor]  # act-order column order, or None
     row_loss: torch.Tensor  # [out]: per row, sum of (w - q)^2 / (2 d^2), the solver's estimate of the added loss
+    failed: torch.Tensor  # 0-d bool: the Cholesky factorisation failed (only when solved with check=False)
 
     @property
     def loss(self) -> float:
         return self.row_loss.sum().item()
 
 
-def inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H). H is damped in place."""
+def inverse_cholesky(H: torch.Tensor, percdamp: float, check: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H), and a 0-d bool tensor that is
+    True when a factorisation failed (H not positive definite). H is damped in place. check=False leaves that
+    test to the caller: reading the flag back waits for the GPU, so a block reads all its flags at once."""
     idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += percdamp * torch.mean(torch.diag(H))
-    try:
-        L = torch.linalg.cholesky(H)
-    except torch.linalg.LinAlgError as e:
-        raise torch.linalg.LinAlgError(f"GPTQ: the damped Hessian is not positive definite ({e}); "
-                                       f"raise special.percdamp (now {percdamp})") from None
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    L, info = torch.linalg.cholesky_ex(H)
+    U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    failed = (info != 0) | (info_inv != 0)
+    if check and failed.item():
+        raise not_positive_definite(percdamp)
+    return U, failed
+
+
+def not_positive_definite(percdamp: float, where: str = "") -> torch.linalg.LinAlgError:
+    return torch.linalg.LinAlgError(f"GPTQ{where}: the damped Hessian is not positive definite; raise "
+                                    f"special.percdamp (now {percdamp})")
 
 
 def _col(qp: QParams, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -146,19 +155,38 @@ class _GraphedSweep:
 _GRAPHS: Dict[tuple, _GraphedSweep] = {}
 
 
-def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec):
-    key = (W1.shape, W1.device, spec.qmin, spec.qmax)
+def pad_lazy_batch(W1, Hinv1, S, Z, width: int):
+    """A lazy batch narrower than `width` (a layer's last) padded with zero columns whose Hinv is the identity
+    (scale 1, zero point 0): they quantize to 0 with 0 error and get no updates from the real columns (Hinv
+    is 0 between them), so the sweep gives the real columns the same values."""
+    n = W1.shape[1]
+    if n >= width:
+        return W1, Hinv1, S, Z
+    pad = width - n
+    eye = torch.eye(width, device=Hinv1.device, dtype=Hinv1.dtype)
+    eye[:n, :n] = Hinv1
+    return (F.pad(W1, (0, pad)), eye, F.pad(S, (0, pad), value=1.0), F.pad(Z, (0, pad)))
+
+
+def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
+    """The sweep as a CUDA graph, batches padded to `width` columns: one graph per row count serves them all."""
+    rows, n = W1.shape
+    W1, Hinv1, S, Z = pad_lazy_batch(W1, Hinv1, S, Z, width)
+    key = (rows, width, W1.device, spec.qmin, spec.qmax)
     if key not in _GRAPHS:
         if len(_GRAPHS) >= 16:  # shapes of one model are few; a long-lived actor may see many models
             _GRAPHS.clear()
-        _GRAPHS[key] = _GraphedSweep(W1.shape[0], W1.shape[1], spec, W1.device)
-    return _GRAPHS[key](W1, Hinv1, S, Z)
+        _GRAPHS[key] = _GraphedSweep(rows, width, spec, W1.device)
+    Q1, L1, Err1 = _GRAPHS[key](W1, Hinv1, S, Z)
+    return Q1[:, :n], L1[:, :n], Err1[:, :n]
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-               actorder: bool = False, static_groups: bool = False, use_graph: bool = True) -> GptqOutput:
+               actorder: bool = False, static_groups: bool = False, use_graph: bool = True,
+               check: bool = True) -> GptqOutput:
     """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified). On a GPU the column
-    sweep of each lazy batch replays a CUDA graph (use_graph=False: launch it from Python)."""
+    sweep of each lazy batch replays a CUDA graph (use_graph=False: launch it from Python). check=False: a
+    Hessian that is not positive definite is reported in `failed` instead of raising."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
@@ -181,11 +209,11 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_cholesky(H, percdamp)
+    Hinv, failed = inverse_cholesky(H, percdamp, check)
 
     Q, losses = torch.zeros_like(W), torch.zeros_like(W)
     found: List[QParams] = []  # dynamic group qparams, in sweep order
-    sweep = column_sweep if not (use_graph and W.is_cuda) else graphed_sweep
+    graphed = use_graph and W.is_cuda
     cur = qp
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -207,7 +235,10 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
                 s_c, z_c = _col(cur, rows)
                 S[:, c - i1:end - i1], Z[:, c - i1:end - i1] = s_c[:, None], z_c[:, None]
                 c = end
-        Q1, L1, Err1 = sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec)
+        if graphed:
+            Q1, L1, Err1 = graphed_sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec, blocksize)
+        else:
+            Q1, L1, Err1 = column_sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec)
         Q[:, i1:i2], losses[:, i1:i2] = Q1, L1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
@@ -219,7 +250,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
             g_idx = invperm // gs  # group k holds the columns quantized k-th in act order
     groups = static if static is not None else found
     scale, zero = (torch.cat([s for s, _ in groups], 1), torch.cat([z for _, z in groups], 1)) if grouped else qp
-    return GptqOutput(Q, scale, zero, g_idx, perm, losses.sum(1))
+    return GptqOutput(Q, scale, zero, g_idx, perm, losses.sum(1), failed)
 
 
 # ---------------------------------------------------------------- the block method
@@ -238,7 +269,7 @@ def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset]) -> Dict[str, 
 
 
 def quantize_group(ctx: BlockContext, names: Sequence[str], H: torch.Tensor, sp: GptqSpecial,
-                   qparams: Dict[str, Optional[QParams]], losses: Dict[str, float]) -> None:
+                   qparams: Dict[str, Optional[QParams]], losses: Dict[str, torch.Tensor]) -> None:
     """Layers sharing H, and GPTQ treats rows independently given H, so their rows are stacked and solved in
     one column sweep (q/k/v: one sweep instead of three; the sweep is launch-bound). per_tensor qparams span
     a whole layer, so those layers are solved one by one."""
@@ -246,19 +277,21 @@ def quantize_group(ctx: BlockContext, names: Sequence[str], H: torch.Tensor, sp:
     batches = [[n] for n in names] if ctx.spec.granularity == "per_tensor" else [names]
     for batch in batches:
         W = torch.cat([ctx.module(n).weight.data for n in batch])
-        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups, sp.cuda_graph)
+        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups, sp.cuda_graph,
+                         check=False)
         r0 = 0
         for n in batch:
             m = ctx.module(n)
             rows = slice(r0, r0 + m.weight.shape[0])
             m.weight.data = out.q[rows].to(m.weight.dtype)
             qparams[n] = None if act_order_groups(ctx.spec, sp) else (out.scale[rows], out.zero[rows])
-            losses[n] = out.row_loss[rows].sum().item()
+            # tensors on the device: the block reads losses and failure flags back once, at its end
+            losses[n] = torch.stack([out.row_loss[rows].sum(), out.failed.float()])
             r0 = rows.stop
 
 
 def quantize_subset(ctx: BlockContext, subset: Subset, stats: Dict[str, HessianStats], sp: GptqSpecial,
-                    qparams: Dict[str, Optional[QParams]], losses: Dict[str, float],
+                    qparams: Dict[str, Optional[QParams]], losses: Dict[str, torch.Tensor],
                     tokens: Dict[str, int]) -> None:
     """Each input group on its own H. A group that saw no tokens (a starved expert) has no H to solve with:
     its weights stay as they are and get RTN qparams (None)."""
@@ -293,13 +326,18 @@ def act_order_groups(spec: QuantSpec, sp: GptqSpecial) -> bool:
 def gptq(ctx: BlockContext) -> BlockResult:
     sp: GptqSpecial = ctx.special
     qparams: Dict[str, Optional[QParams]] = {}
-    losses: Dict[str, float] = {}
+    pending: Dict[str, torch.Tensor] = {}  # per linear: (loss, failed) on the device
     tokens: Dict[str, int] = {}
     # true_sequential: each stage's inputs are captured with the earlier stages already quantized
     for stage in stages(ctx.subsets) if sp.true_sequential else [list(ctx.subsets)]:
         stats = collect_hessians(ctx, stage)
         for subset in stage:
-            quantize_subset(ctx, subset, stats, sp, qparams, losses, tokens)
+            quantize_subset(ctx, subset, stats, sp, qparams, pending, tokens)
+    values = torch.stack(list(pending.values())).tolist() if pending else []
+    failed = [n for n, (_, bad) in zip(pending, values) if bad]
+    if failed:
+        raise not_positive_definite(sp.percdamp, f" ({', '.join(failed)})")
+    losses = {n: loss for n, (loss, _) in zip(pending, values)}
     info: Dict[str, object] = {"loss": losses, "act_order_groups": act_order_groups(ctx.spec, sp)}
     if info["act_order_groups"]:
         info["note"] = ("actorder without static_groups: group qparams follow the act order, so the weight "
