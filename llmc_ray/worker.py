@@ -256,11 +256,12 @@ class BlockWorker:
         out, report = self._calibrate(index, dev, job, propagate=dev is not None)
         return (self._hand_on(out, index, job, keep) if out is not None else None), report
 
-    def capture(self, x: Any, bs: int = 1, skip: Tuple[int, ...] = ()) -> Optional[Acts]:
+    def capture(self, x: Any, bs: int = 1, skip: Tuple[int, ...] = (), merge_tokens: Optional[int] = None) -> Optional[Acts]:
         """Parallel schedule, pass 1: keep every own block's fp inputs for this chunk of calibration data
         (tokens on the first worker, activations elsewhere) and hand the outputs to the next worker.
-        Blocks in `skip` (restored from checkpoints) need no inputs."""
-        acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
+        Blocks in `skip` (restored from checkpoints) need no inputs. Micro-batches are merged first, as for
+        calibration (`merge_batches`)."""
+        acts = merge_batches(self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x), merge_tokens)
         for i in self.plan.blocks:
             if i not in skip:
                 self._store(i, self._to_cpu(acts, pin=False))

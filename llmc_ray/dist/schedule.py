@@ -71,27 +71,42 @@ def _actor_lost(group: ActorGroup, job, block: int, done: Sequence[int], e: Exce
 
 def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]], desc: str,
              progress: bool) -> List[Any]:
-    """Per job: its block reports, or the exception that stopped it (the other jobs go on). An actor that
-    died stops everything: ActorLost says which blocks are saved."""
-    flat = [(j, b, r) for j, refs in enumerate(report_refs) for b, r in enumerate(refs)]
-    out: List[Any] = [[] for _ in jobs]
-    with _progress(len(flat), desc, progress) as bar:
-        for j, b, ref in flat:  # in submission order: the first failure of a job is its cause
-            if isinstance(out[j], Exception):
-                bar.update(1)
-                continue
+    """Per job: its block reports in block order, or the exception of its first failing block (the other jobs
+    go on). The bar ticks as reports complete (the parallel schedule finishes blocks out of order). An actor
+    that died stops everything: ActorLost names the job's first unfinished block and the saved ones."""
+    where = {ref: (j, b) for j, refs in enumerate(report_refs) for b, ref in enumerate(refs)}
+    got: List[Dict[int, Any]] = [{} for _ in jobs]
+    with _progress(len(where), desc, progress) as bar:
+        pending = list(where)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            j, b = where[ready[0]]
             try:
-                rep = ray.get(ref)
+                rep = ray.get(ready[0])
             except ray.exceptions.RayActorError as e:
-                raise _actor_lost(group, jobs[j], b, [r["block"] for r in out[j]], e) from None
+                # let the job's other blocks settle (live actors finish theirs, and checkpoint them), then
+                # name the first block lost with the actor
+                lost = {b}
+                for ref in (r for r in pending if where[r][0] == j):
+                    try:
+                        got[j][where[ref][1]] = ray.get(ref)
+                    except ray.exceptions.RayActorError:
+                        lost.add(where[ref][1])
+                    except ray.exceptions.RayTaskError as t:
+                        got[j][where[ref][1]] = t
+                finished = sorted(i for i, r in got[j].items() if not isinstance(r, BaseException))
+                raise _actor_lost(group, jobs[j], min(lost), finished, e) from None
             except ray.exceptions.RayTaskError as e:
-                out[j] = e.as_instanceof_cause()
-                bar.update(1)
-                continue
-            out[j].append(rep)
-            bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}" +
-                                (f" (point {j})" if len(jobs) > 1 else ""))
+                rep = e.as_instanceof_cause()
+            else:
+                bar.set_postfix_str(f"block {rep['block']} on actor {rep['rank']}" +
+                                    (f" (point {j})" if len(jobs) > 1 else ""))
+            got[j][b] = rep
             bar.update(1)
+    out: List[Any] = []
+    for reps in got:
+        ordered = [reps[b] for b in sorted(reps)]
+        out.append(next((r for r in ordered if isinstance(r, BaseException)), ordered))
     return out
 
 
@@ -117,7 +132,7 @@ def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: i
 
 
 def capture_all(group: ActorGroup, calib_ids: torch.Tensor, bs: int, chunk_samples: int,
-                skip: Sequence[int] = ()) -> None:
+                skip: Sequence[int] = (), merge_tokens: Optional[int] = None) -> None:
     """Parallel schedule, pass 1: one pipelined fp pass; every actor keeps its blocks' inputs (except blocks
     in `skip`). Chunks of calibration samples are submitted at once, so actor k captures chunk c while actor
     k+1 takes chunk c-1."""
@@ -125,7 +140,7 @@ def capture_all(group: ActorGroup, calib_ids: torch.Tensor, bs: int, chunk_sampl
     for start in range(0, calib_ids.shape[0], chunk_samples):
         x: Any = ray.put(calib_ids[start:start + chunk_samples])
         for actor in group.actors:
-            x = actor.capture.remote(x, bs, list(skip))
+            x = actor.capture.remote(x, bs, skip, merge_tokens)
         done.append(x)
     ray.get(done)
 
@@ -137,7 +152,8 @@ def calibrate_parallel(group: ActorGroup, calib_ids: torch.Tensor, bs: int, jobs
     One capture serves every job (sweep point); blocks in done[j] are restored from checkpoints instead."""
     finished = [set(d) for d in done] if done else [set() for _ in jobs]
     everywhere = set.intersection(*finished) if finished else set()
-    capture_all(group, calib_ids, bs, max(bs, calib_ids.shape[0] // (2 * len(group.actors))), skip=everywhere)
+    capture_all(group, calib_ids, bs, max(bs, calib_ids.shape[0] // (2 * len(group.actors))),
+                skip=tuple(sorted(everywhere)), merge_tokens=jobs[0].merge_tokens)  # jobs share calib (run.check_shared)
     report_refs = []
     for j, job in enumerate(jobs):
         refs = []
