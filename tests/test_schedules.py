@@ -53,6 +53,9 @@ def test_parallel_schedule_independent_of_actor_count(tiny_dir, texts, tmp_path,
     two_res, two_w = run_with(tiny_dir, texts, tmp_path / "p2", "GPTQ", "parallel", actors=2)
     assert one_res["eval"] == two_res["eval"]
     assert all(torch.equal(one_w[k], two_w[k]) for k in one_w)
+    # reports come back as blocks finish (actor 1 may finish first) but are listed in block order
+    assert [b["block"] for b in two_res["blocks"]] == [0, 1, 2, 3]
+    assert sorted({b["rank"] for b in two_res["blocks"]}) == [0, 1]
     # and it is a different schedule: on a real (non-identity) model, block inputs differ from sequential's
     seq_res, seq_w = run_with(tiny_dir, texts, tmp_path / "s1", "GPTQ", "sequential")
     assert any(not torch.equal(one_w[k], seq_w[k]) for k in one_w if ".layers.3." in k)
