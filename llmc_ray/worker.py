@@ -324,7 +324,12 @@ class BlockWorker:
             errors = self._weight_errors(var, index)
             out = self._propagate(var, index, dev_acts, job.quant_out) if propagate else None
         except Exception as e:  # add where it happened, keep the original type and traceback
-            raise type(e)(f"block {index} ({job.method}): {e}") from e
+            hint = ""
+            if isinstance(e, torch.OutOfMemoryError):
+                tokens = max((a.numel() // a.shape[-1] for a in dev_acts), default=0)
+                hint = (f" (forwards of {tokens} tokens: lower calib.merge_tokens, now {job.merge_tokens}, "
+                        f"or calib.bs, or spread the blocks over more actors)")
+            raise type(e)(f"block {index} ({job.method}): {e}{hint}") from e
         var.mode = "transformed"
         report = {"block": index, "rank": self.plan.rank, "seconds": time.perf_counter() - t0,
                   "weight_rel_err": errors, "info": _small(result.info)}

@@ -74,3 +74,24 @@ def test_kept_outputs_feed_the_next_block_exactly(tiny_dir):
     assert all(torch.equal(x, y) for x, y in zip(out_kept, out_host))
     for name, w in kept.blocks[1].state_dict().items():
         assert torch.equal(w, host.blocks[1].state_dict()[name]), name
+
+
+def test_out_of_memory_names_the_knobs(tiny_dir, monkeypatch):
+    """A block that runs out of device memory says how big its forwards were and what to lower."""
+    from llmc_ray.algorithms import base
+
+    def oom(ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSpecial:
+        pass
+
+    monkeypatch.setitem(base.ALGORITHMS, "oom", base.Method("Oom", oom, NoSpecial, needs_calib=True))
+    w = BlockWorker(WorkerPlan(0, (0, 1, 2, 3), True, True, str(tiny_dir), "llama", "float32", "cpu"))
+    w.load()
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    job = CalibJob("oom", {}, QuantSpec(4, False, "per_group", 32), quant_out=False, merge_tokens=64)
+    with pytest.raises(torch.OutOfMemoryError, match=r"block 0 \(oom\): CUDA out of memory.*forwards of 64 tokens: "
+                                                     r"lower calib.merge_tokens, now 64"):
+        w.calibrate_block(0, w.calib_inputs(ids, 1), job)
