@@ -90,8 +90,7 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float, check: bool = True) -> Tu
     """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H), and a 0-d bool tensor that is
     True when a factorisation failed (H not positive definite). H is damped in place. check=False leaves that
     test to the caller: reading the flag back waits for the GPU, so a block reads all its flags at once."""
-    idx = torch.arange(H.shape[0], device=H.device)
-    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    H.diagonal().add_(percdamp * torch.mean(torch.diag(H)))
     L, info = torch.linalg.cholesky_ex(H)
     U, info_inv = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
     failed = (info != 0) | (info_inv != 0)
@@ -199,8 +198,9 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
     # per_channel/per_tensor: from the whole W before dead columns are zeroed (reference order)
     qp: Optional[QParams] = None if grouped else compute_qparams(W, spec)
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    # masked fills, not boolean indexing: indexing with a mask waits for the GPU to count it
+    H.diagonal().masked_fill_(dead, 1)
+    W.masked_fill_(dead.unsqueeze(0), 0)
     static = [compute_qparams(W[:, c:c + gs], col_spec) for c in range(0, cols, gs)] \
         if grouped and static_groups else None
     if static is not None:
