@@ -71,12 +71,14 @@ def merge_batches(acts: Acts, max_tokens: Optional[int]) -> Acts:
         return acts
     out: Acts = []
     run: Acts = []
+    run_tokens = 0
     for a in acts:
         tokens = a.numel() // a.shape[-1]
-        if run and (a.shape[1:] != run[0].shape[1:] or sum(r.numel() // r.shape[-1] for r in run) + tokens > max_tokens):
+        if run and (a.shape[1:] != run[0].shape[1:] or run_tokens + tokens > max_tokens):
             out.append(torch.cat(run) if len(run) > 1 else run[0])
-            run = []
+            run, run_tokens = [], 0
         run.append(a)
+        run_tokens += tokens
     out.append(torch.cat(run) if len(run) > 1 else run[0])
     return out
 
@@ -188,7 +190,7 @@ class BlockWorker:
             return out
         return [a.to("cpu") for a in acts]
 
-    def _take(self, acts: Any, index: int, job: "CalibJob") -> Optional[Acts]:
+    def _take(self, acts: Any, index: int) -> Optional[Acts]:
         """A block's inputs on the device: activations from another actor, or the ones this actor kept."""
         if isinstance(acts, KeptOnDevice):
             held = self.kept.get(acts.variant)
@@ -252,7 +254,7 @@ class BlockWorker:
         """Sequential schedule: transform block `index` on its inputs (host activations, or KeptOnDevice);
         return the next block's inputs (this block's transformed, or with quant_out fake-quantized, outputs;
         KeptOnDevice when `keep`: the next block is on this actor) and a report."""
-        dev = self._take(acts, index, job)
+        dev = self._take(acts, index)
         out, report = self._calibrate(index, dev, job, propagate=dev is not None)
         return (self._hand_on(out, index, job, keep) if out is not None else None), report
 
@@ -355,7 +357,7 @@ class BlockWorker:
         outputs the original run handed on (transformed or, with quant_out, fake-quantized)."""
         from safetensors import safe_open
 
-        dev = self._take(acts, index, job)
+        dev = self._take(acts, index)
 
         path = block_checkpoint(Path(job.checkpoint_dir), index)
         with safe_open(str(path), framework="pt") as fh:

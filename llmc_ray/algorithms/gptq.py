@@ -10,6 +10,7 @@ The transformed weight is Q itself (dequantized, on the grid of the returned qpa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -19,7 +20,11 @@ import torch.nn.functional as F
 
 from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
+from . import gptq_kernel
 from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register
+
+
+SWEEPS = ("graph", "triton", "eager")
 
 
 @dataclass(frozen=True)
@@ -29,11 +34,16 @@ class GptqSpecial:
     actorder: bool = False  # quantize columns in order of decreasing diag H
     static_groups: bool = False  # per_group: all group qparams from the original W, before any update
     true_sequential: bool = True  # capture each subset's input with the earlier subsets already quantized
-    cuda_graph: bool = True  # on GPU, replay each lazy batch's column sweep as a CUDA graph (same results)
+    # how a lazy batch's column sweep runs on a GPU: "graph" replays it as a CUDA graph (bit-identical to
+    # "eager", PyTorch ops launched from Python); "triton" runs it as one fused kernel (gptq_kernel.py; falls
+    # back to the graph where Triton or a power-of-two blocksize is missing). On a CPU it is always eager.
+    sweep: str = "graph"
 
     def __post_init__(self) -> None:
         if self.blocksize < 1:
             raise ValueError(f"blocksize={self.blocksize} must be >= 1")
+        if self.sweep not in SWEEPS:
+            raise ValueError(f"sweep={self.sweep!r}: use one of {SWEEPS}")
         if not 0.0 <= self.percdamp:
             raise ValueError(f"percdamp={self.percdamp} must be >= 0 (the reference uses 0.01)")
 
@@ -167,6 +177,12 @@ def pad_lazy_batch(W1, Hinv1, S, Z, width: int):
     return (F.pad(W1, (0, pad)), eye, F.pad(S, (0, pad), value=1.0), F.pad(Z, (0, pad)))
 
 
+def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
+    n = W1.shape[1]
+    Q1, L1, Err1 = gptq_kernel.fused_sweep(*pad_lazy_batch(W1, Hinv1, S, Z, width), spec.qmin, spec.qmax)
+    return Q1[:, :n], L1[:, :n], Err1[:, :n]
+
+
 def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
     """The sweep as a CUDA graph, batches padded to `width` columns: one graph per row count serves them all."""
     rows, n = W1.shape
@@ -181,11 +197,11 @@ def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-               actorder: bool = False, static_groups: bool = False, use_graph: bool = True,
+               actorder: bool = False, static_groups: bool = False, sweep: str = "graph",
                check: bool = True) -> GptqOutput:
-    """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified). On a GPU the column
-    sweep of each lazy batch replays a CUDA graph (use_graph=False: launch it from Python). check=False: a
-    Hessian that is not positive definite is reported in `failed` instead of raising."""
+    """GPTQ one weight [out, in] given its input Hessian [in, in] (neither is modified). `sweep` says how each
+    lazy batch's column sweep runs on a GPU (GptqSpecial.sweep). check=False: a Hessian that is not positive
+    definite is reported in `failed` instead of raising."""
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     rows, cols = W.shape
@@ -213,7 +229,12 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
 
     Q, losses = torch.zeros_like(W), torch.zeros_like(W)
     found: List[QParams] = []  # dynamic group qparams, in sweep order
-    graphed = use_graph and W.is_cuda
+    if sweep == "triton" and gptq_kernel.usable(W, blocksize) is None:
+        run_sweep = functools.partial(_fused_sweep, spec=spec, width=blocksize)
+    elif sweep != "eager" and W.is_cuda:
+        run_sweep = functools.partial(graphed_sweep, spec=spec, width=blocksize)
+    else:
+        run_sweep = functools.partial(column_sweep, spec=spec)
     cur = qp
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -235,10 +256,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
                 s_c, z_c = _col(cur, rows)
                 S[:, c - i1:end - i1], Z[:, c - i1:end - i1] = s_c[:, None], z_c[:, None]
                 c = end
-        if graphed:
-            Q1, L1, Err1 = graphed_sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec, blocksize)
-        else:
-            Q1, L1, Err1 = column_sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z, spec)
+        Q1, L1, Err1 = run_sweep(W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], S, Z)
         Q[:, i1:i2], losses[:, i1:i2] = Q1, L1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
@@ -277,7 +295,7 @@ def quantize_group(ctx: BlockContext, names: Sequence[str], H: torch.Tensor, sp:
     batches = [[n] for n in names] if ctx.spec.granularity == "per_tensor" else [names]
     for batch in batches:
         W = torch.cat([ctx.module(n).weight.data for n in batch])
-        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups, sp.cuda_graph,
+        out = gptq_solve(W, H, ctx.spec, sp.blocksize, sp.percdamp, sp.actorder, sp.static_groups, sp.sweep,
                          check=False)
         r0 = 0
         for n in batch:
