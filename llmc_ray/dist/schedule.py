@@ -73,7 +73,7 @@ def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]
              progress: bool) -> List[Any]:
     """Per job: its block reports in block order, or the exception of its first failing block (the other jobs
     go on). The bar ticks as reports complete (the parallel schedule finishes blocks out of order). An actor
-    that died stops everything: ActorLost names the job's first unfinished block and the saved ones."""
+    that died stops everything: ActorLost names the first block lost with it and the saved ones."""
     where = {ref: (j, b) for j, refs in enumerate(report_refs) for b, ref in enumerate(refs)}
     got: List[Dict[int, Any]] = [{} for _ in jobs]
     with _progress(len(where), desc, progress) as bar:
