@@ -5,12 +5,14 @@ Activations travel between workers as a list of CPU tensors [bs, seq, hidden] (o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algorithms.base import BlockContext, resolve
+from .algorithms.base import BlockContext, resolve, token_count
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
 from .models import block_subsets, expert_names, get_spec, linears, module_has
 from .models.spec import Subset
@@ -73,7 +75,7 @@ def merge_batches(acts: Acts, max_tokens: Optional[int]) -> Acts:
     run: Acts = []
     run_tokens = 0
     for a in acts:
-        tokens = a.numel() // a.shape[-1]
+        tokens = token_count([a])
         if run and (a.shape[1:] != run[0].shape[1:] or run_tokens + tokens > max_tokens):
             out.append(torch.cat(run) if len(run) > 1 else run[0])
             run, run_tokens = [], 0
@@ -120,6 +122,11 @@ class BlockWorker:
         self.stored: Dict[int, List[Any]] = {}
         # sequential schedule: a block's outputs kept on the device for the next block on this actor
         self.kept: Dict[int, Tuple[int, Acts]] = {}  # variant -> (block they feed, activations)
+        # block checkpoints are written by one background thread while the next block calibrates (a 7B block
+        # is ~0.5 GB); at most one write is in flight, so host memory holds at most one extra block
+        self._writer: Optional[ThreadPoolExecutor] = None
+        self._writing: Optional[Future] = None
+        self._write_errors: List[str] = []
         self.set_variants(1)
 
     def set_variants(self, n: int) -> None:
@@ -245,9 +252,14 @@ class BlockWorker:
         return total, count
 
     # -- calibration -------------------------------------------------------------------------------------
-    def calib_inputs(self, ids: torch.Tensor, bs: int) -> Acts:
-        """Inputs of the first block: the embedded calibration tokens (first worker only)."""
-        return self._to_cpu(self.embed_tokens(ids, bs))
+    def calib_inputs(self, ids: torch.Tensor, bs: int, variant: Optional[int] = None) -> Any:
+        """Inputs of the first block: the embedded calibration tokens (first worker only). With `variant`
+        they stay on the device for block 0 (always this worker's) and a KeptOnDevice marker is returned."""
+        acts = self.embed_tokens(ids, bs)
+        if variant is None:
+            return self._to_cpu(acts)
+        self.kept[variant] = (0, acts)
+        return KeptOnDevice(variant, 0)
 
     def calibrate_block(self, index: int, acts: Any, job: CalibJob,
                         keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
@@ -328,7 +340,7 @@ class BlockWorker:
         except Exception as e:  # add where it happened, keep the original type and traceback
             hint = ""
             if isinstance(e, torch.OutOfMemoryError):
-                tokens = max((a.numel() // a.shape[-1] for a in dev_acts), default=0)
+                tokens = max((token_count([a]) for a in dev_acts), default=0)
                 hint = (f" (forwards of {tokens} tokens: lower calib.merge_tokens, now {job.merge_tokens}, "
                         f"or calib.bs, or spread the blocks over more actors)")
             raise type(e)(f"block {index} ({job.method}): {e}{hint}") from e
@@ -343,14 +355,39 @@ class BlockWorker:
         """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""
         from safetensors.torch import save_file
 
+        # host copies now (the block's device weights may change later, e.g. a fake-quant eval); the file
+        # write goes to the background thread
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in var.block(index).state_dict().items()}
         for name, (scale, zero) in var.qparams[index].items():
             tensors[f"scale.{name}"] = scale.cpu().contiguous()
             tensors[f"zero.{name}"] = zero.cpu().contiguous()
         final = block_checkpoint(ckpt_dir, index)
-        tmp = final.with_name(final.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"report": json.dumps(report)})
-        tmp.replace(final)
+        metadata = {"report": json.dumps(report)}
+
+        def write() -> None:
+            tmp = final.with_name(final.name + ".tmp")
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+                tmp.replace(final)
+            except Exception as e:  # resume then recomputes this block; the run itself is not harmed
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                self._write_errors.append(f"block {index}: checkpoint not written to {final} ({e})")
+
+        self.flush_checkpoints(clear=False)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-checkpoint")
+        self._writing = self._writer.submit(write)
+
+    def flush_checkpoints(self, clear: bool = True) -> List[str]:
+        """Wait for the checkpoint write in flight; the failed writes since the last flush (cleared)."""
+        if self._writing is not None:
+            self._writing.result()
+            self._writing = None
+        errors = list(self._write_errors)
+        if clear:
+            self._write_errors.clear()
+        return errors
 
     def restore_block(self, index: int, acts: Any, job: CalibJob, keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
         """Resume: load a block finished by an earlier run instead of calibrating it, then hand on the same

@@ -63,7 +63,9 @@ def test_kept_outputs_feed_the_next_block_exactly(tiny_dir):
     kept, host = BlockWorker(plan), BlockWorker(plan)
     for w in (kept, host):
         w.load()
-    marker, _ = kept.calibrate_block(0, kept.calib_inputs(ids, 2), job, keep=True)
+    first = kept.calib_inputs(ids, 2, variant=0)  # the embedded tokens stay for block 0
+    assert first == KeptOnDevice(variant=0, block=0)
+    marker, _ = kept.calibrate_block(0, first, job, keep=True)
     assert marker == KeptOnDevice(variant=0, block=1)
     acts, _ = host.calibrate_block(0, host.calib_inputs(ids, 2), job)
     assert isinstance(acts, list) and all(a.device.type == "cpu" for a in acts)
@@ -95,3 +97,29 @@ def test_out_of_memory_names_the_knobs(tiny_dir, monkeypatch):
     with pytest.raises(torch.OutOfMemoryError, match=r"block 0 \(oom\): CUDA out of memory.*forwards of 64 tokens: "
                                                      r"lower calib.merge_tokens, now 64"):
         w.calibrate_block(0, w.calib_inputs(ids, 1), job)
+
+
+def test_checkpoints_are_written_in_the_background_and_failures_reported(tiny_dir, tmp_path):
+    """A block's checkpoint is written while the next block calibrates: after a flush the file holds exactly
+    the block's weights; a write that fails is reported by the flush and does not fail the calibration."""
+    plan = WorkerPlan(0, (0, 1, 2, 3), True, True, str(tiny_dir), "llama", "float32", "cpu")
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    w = BlockWorker(plan)
+    w.load()
+    job = CalibJob("GPTQ", {}, QuantSpec(4, False, "per_group", 32), quant_out=True, checkpoint_dir=str(tmp_path))
+    acts, _ = w.calibrate_block(0, w.calib_inputs(ids, 2), job)
+    acts, _ = w.calibrate_block(1, acts, job)
+    assert w.flush_checkpoints() == []
+    for i in (0, 1):
+        saved = load_file(str(tmp_path / f"block_{i:05d}.safetensors"))
+        for name, t in w.blocks[i].state_dict().items():
+            assert torch.equal(saved[f"w.{name}"], t), (i, name)
+
+    blocked = tmp_path / "not_a_dir"
+    blocked.write_text("a file where the checkpoint directory should be")
+    job2 = dataclasses.replace(job, checkpoint_dir=str(blocked))
+    out, report = w.calibrate_block(2, acts, job2)
+    assert report["block"] == 2 and len(out) == len(acts)
+    errors = w.flush_checkpoints()
+    assert len(errors) == 1 and errors[0].startswith("block 2: checkpoint not written")
+    assert w.flush_checkpoints() == []  # reported once

@@ -3,6 +3,7 @@ block reports); activations go from actor to actor as ObjectRefs."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -14,6 +15,8 @@ import torch
 
 from ..worker import block_ranges
 from .cluster import ActorGroup
+
+log = logging.getLogger(__name__)
 
 
 class ActorLost(RuntimeError):
@@ -69,6 +72,18 @@ def _actor_lost(group: ActorGroup, job, block: int, done: Sequence[int], e: Exce
                      f"resume ({type(e).__name__})")
 
 
+def settle_checkpoints(group: ActorGroup) -> None:
+    """Wait until the live actors have written their block checkpoints (written in the background while the
+    next block calibrates); dead actors are skipped, failed writes logged (a relaunch recomputes those)."""
+    refs = [a.flush_checkpoints.remote() for a in group.actors]
+    for ref in refs:
+        try:
+            for msg in ray.get(ref):
+                log.warning(msg)
+        except ray.exceptions.RayActorError:
+            pass
+
+
 def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]], desc: str,
              progress: bool) -> List[Any]:
     """Per job: its block reports in block order, or the exception of its first failing block (the other jobs
@@ -95,6 +110,7 @@ def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]
                     except ray.exceptions.RayTaskError as t:
                         got[j][where[ref][1]] = t
                 finished = sorted(i for i, r in got[j].items() if not isinstance(r, BaseException))
+                settle_checkpoints(group)
                 raise _actor_lost(group, jobs[j], min(lost), finished, e) from None
             except ray.exceptions.RayTaskError as e:
                 rep = e.as_instanceof_cause()
@@ -103,6 +119,7 @@ def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]
                                     (f" (point {j})" if len(jobs) > 1 else ""))
             got[j][b] = rep
             bar.update(1)
+    settle_checkpoints(group)
     out: List[Any] = []
     for reps in got:
         ordered = [reps[b] for b in sorted(reps)]
@@ -119,7 +136,8 @@ def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: i
     Blocks below done[j] were finished by an earlier run: they are restored from their checkpoints."""
     report_refs = []
     for j, job in enumerate(jobs):
-        acts = group.first.calib_inputs.remote(ray.put(calib[j]), bs)
+        # block 0 always lives on the first actor: the embedded tokens stay on its device
+        acts = group.first.calib_inputs.remote(ray.put(calib[j]), bs, job.variant)
         refs = []
         for i in range(n_blocks):
             step = group.owner[i].restore_block if i < (done[j] if done else 0) else group.owner[i].calibrate_block
