@@ -24,3 +24,21 @@ def test_cli_awq_run_writes_results_and_keeps_transformed_equivalent(tiny_dir, t
     assert len(res["blocks"]) == 4 and all("weight_rel_err" in b for b in res["blocks"])
     assert (out / "transformed_model" / "config.json").is_file()
     assert "| custom |" in proc.stdout  # the PPL table
+
+
+def test_every_special_knob_is_in_its_quant_conf():
+    """Hydra refuses `quant.special.X=...` for a key its YAML does not list: every field of a method's special
+    dataclass must be in conf/quant/<method>.yaml, and every listed key must be one the method takes."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from llmc_ray.algorithms.base import resolve
+
+    confs = sorted((Path(__file__).parents[1] / "conf" / "quant").glob("*.yaml"))
+    assert confs
+    for path in confs:
+        q = OmegaConf.to_container(OmegaConf.load(path))
+        method, special = resolve(q["method"], q["special"])  # raises on an unknown key or a bad value
+        assert set(q["special"]) == {f.name for f in dataclasses.fields(method.special)}, path.name
