@@ -4,9 +4,12 @@
 #   stage N   carry .stage/NN: append chunk NN of the SmolLM2 GGUF to /tmp/stage/smollm2.gguf
 #   ours      carry .whl .cache/sotu: dumps the SmolLM2 tokens for llm-compressor, llmc-ray AWQ/GPTQ on SmolLM2
 #             (default and matched settings), block_profile.py with and without micro-batch merging
-#   ours7b    carry .whl .cache/sotu: GPTQ sweep graph-vs-eager, FLOP floor, llmc-ray on a 4-block Qwen2-7B-shape
+#   ours7b    carry .whl .cache/sotu: FLOP floor, llmc-ray on a 4-block Qwen2-7B-shape
 #             model (also written to /tmp/cmp/q7b4 for llm-compressor)
 #   verify    carry .whl .cache/sotu: SmolLM2 AWQ/GPTQ rows again, GPTQ without merging at bs=32, 7B-shape blocks
+#   triton    carry .whl .cache/sotu: GPTQ's column sweep eager / CUDA graph / fused Triton (solver alone, one
+#             block, and the SmolLM2 GPTQ rows with each)
+#   q7        carry .whl .cache/sotu: the llmc-ray side of ours7b alone (no materialized copy)
 #   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
 #   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens (BS=32 bash ...: 32 rows
 #             a forward instead of its default 1)
@@ -24,9 +27,11 @@ if [ "$phase" = theirs ]; then
          echo "$name wall $((SECONDS - t0)) s"; }
   SMOL=(--model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt --eval /tmp/cmp/smol/eval.pt --group-size 64)
   Q7=(--model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt --eval /tmp/cmp/q7b4_tok/eval.pt --group-size 128)
-  lc lc_smol_awq "${SMOL[@]}" --method awq
-  lc lc_smol_gptq_matched "${SMOL[@]}" --method gptq --sequential-targets Linear
-  lc lc_smol_gptq_layer "${SMOL[@]}" --method gptq
+  if [ -z "${ONLY7B:-}" ]; then  # ONLY7B=1: the 7B-shape runs alone
+    lc lc_smol_awq "${SMOL[@]}" --method awq
+    lc lc_smol_gptq_matched "${SMOL[@]}" --method gptq --sequential-targets Linear
+    lc lc_smol_gptq_layer "${SMOL[@]}" --method gptq
+  fi
   [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_awq "${Q7[@]}" --method awq
   [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_gptq_layer "${Q7[@]}" --method gptq
   python3 - <<'PY'
@@ -54,7 +59,8 @@ for f in sorted(glob.glob(os.environ["OUT"] + "/*/results.json")):
     r = json.load(open(f)); e = next(iter(r["eval"].values()), {}); t = r["timings_s"]
     mem = max((m.get("gpu_peak_bytes", 0) for m in r.get("memory", [])), default=0)
     print(f"{f.split('/')[-2]:22s}", {k: round(v, 4) for k, v in e.items()}, "calibrate_s", t.get("calibrate"),
-          "total_s", t.get("total"), f"gpu_peak_GiB {mem / 2**30:.2f}")
+          "total_s", t.get("total"), f"gpu_peak_GiB {mem / 2**30:.2f}", "blocks_s",
+          [round(b["seconds"], 2) for b in r.get("blocks", [])][:8])
 PY
 }
 if [ "$phase" = ours ]; then
@@ -96,8 +102,17 @@ if [ "$phase" = batched ]; then  # the same SmolLM2 runs with 32 calibration sam
   ours smol_gptq_matched_bs32 "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
   summary
 fi
+Q7=(model.path=synthetic:qwen2-7b:4 model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
+    calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[fake_quant]" quant.weight.group_size=128 dist=gpu dist.actors=1)
+if [ "$phase" = q7 ]; then  # the 7B-shape rows alone (llmc-ray side)
+  ours q7b4_awq "${Q7[@]}" quant=awq
+  ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours q7b4_awq_matched_noresume "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false save.resume=false
+  ours q7b4_gptq "${Q7[@]}" quant=gptq
+  ours q7b4_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  summary
+fi
 if [ "$phase" = ours7b ]; then
-  python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
   for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
   python3 bench/materialize_synthetic.py qwen2-7b 4 /tmp/cmp/q7b4
   cp /tmp/cmp/smol_hf/tokenizer* /tmp/cmp/q7b4/ 2>/dev/null  # ids are passed directly; a tool may still want one
@@ -109,13 +124,28 @@ v = ARCHS["qwen2-7b"]["vocab_size"]
 torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # = the run's calib tokens
 torch.save(synthetic_tokens(4, 2048, v, 43), "/tmp/cmp/q7b4_tok/eval.pt")
 PY
-  Q7=(model.path=synthetic:qwen2-7b:4 model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
-      calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[]" quant.weight.group_size=128 dist=gpu dist.actors=1)
   ours q7b4_awq "${Q7[@]}" quant=awq
   ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
   ours q7b4_gptq "${Q7[@]}" quant=gptq
   ours q7b4_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
   summary
+fi
+if [ "$phase" = triton ]; then
+  python3 -c "import triton; print('triton', triton.__version__)"
+  python3 bench/gptq_sweep_bench.py smollm2-135m eager graph triton 2>&1 | tee $OUT/sweep_smollm2.md
+  python3 bench/gptq_sweep_bench.py qwen2-7b graph triton 2>&1 | tee $OUT/sweep_qwen2-7b.md
+  for s in graph triton; do
+    python3 bench/block_profile.py synthetic:smollm2-135m:30 GPTQ 1 --blocks 6 --special true_sequential=false sweep=$s 2>&1 | tail -9
+  done > $OUT/block_profile.md
+  if [ -f $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
+    E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]" quant=gptq quant.special.static_groups=true)
+    for s in graph triton; do
+      ours t_smol_gptq_matched_$s "${SMOL[@]}" "${E[@]}" quant.special.sweep=$s
+      ours t_smol_gptq_layer_$s "${SMOL[@]}" "${E[@]}" quant.special.true_sequential=false quant.special.sweep=$s
+    done
+    summary
+  fi
 fi
 if [ "$phase" = more ]; then
   python3 bench/scale_bench.py $OUT/moe deepseek-v2-lite:2:Awq:sequential:1 deepseek-v2-lite:2:GPTQ:sequential:1 2>&1 | tail -5
