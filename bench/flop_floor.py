@@ -9,9 +9,10 @@ Counts (T = calibration tokens, P_x = weights in linears of part x, 2 FLOPs per 
   forwards of its inspect module (qkv → whole attention, gate/up → MLP, down → down_proj; v→o skipped under
   GQA); clip search: for every non-q/k linear, K = 10 shrinks × 2·n_tok·out·in (n_tok = seq_len tokens);
   1 forward to propagate (quant_out).
-- GPTQ (ours, true-sequential, per block): Hessians 2·T·in² for each distinct input (qkv, o, gate/up, down);
-  the column sweep ≈ 2·out·in² per linear (the lazy-batch updates); Cholesky + inverse ≈ in³ per input
-  (fp32); forwards: 4 capture passes (one per true-sequential step) + 1 propagate.
+- GPTQ (ours, true-sequential, per block): Hessians 2·T·in² for each distinct input (qkv, o, gate/up, down),
+  at the bf16 rate (half activations into a GEMM with fp32 output); the column sweep ≈ 2·out·in² per linear
+  (the lazy-batch updates) and Cholesky + inverse ≈ in³ per input, both fp32; forwards: 4 capture passes
+  (one per true-sequential step) + 1 propagate.
 The bf16 and fp32 GEMM rates are measured here (CUDA events, 8192² after warm-up, median of 20).
 """
 from __future__ import annotations
@@ -53,8 +54,8 @@ def flops(cfg: dict, n_samples: int, seq: int):
     hess = sum(2 * T * d * d for d in ins.values())
     sweep = sum(2 * o * i * i for o, i in lin.values())
     chol = sum(d ** 3 for d in ins.values())
-    gptq_bf16 = 5 * fwd
-    gptq_fp32 = hess + sweep + chol
+    gptq_bf16 = 5 * fwd + hess
+    gptq_fp32 = sweep + chol
     return {"tokens": T, "block_forward": fwd, "awq_bf16": awq_bf16, "gptq_bf16": gptq_bf16,
             "gptq_fp32": gptq_fp32}
 
