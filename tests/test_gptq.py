@@ -187,6 +187,20 @@ def test_accumulate_hessian_over_micro_batches():
     torch.testing.assert_close(H, 2 * x.t() @ x, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-input Hessian path runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_hessian_on_cuda_equals_the_fp32_formula(dtype):
+    """On CUDA, half activations go into a GEMM with fp32 output; the result must be the reference's
+    2/n X^T X of the upcast activations (only the summation order differs)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    batches = [torch.randn(b, 64, 256, device="cuda", generator=g).to(dtype) for b in (2, 1, 3)]
+    stats = HessianStats(256, torch.device("cuda"))
+    for b in batches:
+        stats.add_batch(b)
+    x = torch.cat(batches).reshape(-1, 256).double()
+    torch.testing.assert_close(stats.H.double(), 2 * x.t() @ x / 6, rtol=1e-5, atol=1e-4)
+
+
 def test_special_validation():
     with pytest.raises(ValueError, match="blocksize"):
         GptqSpecial(blocksize=0)
