@@ -52,3 +52,34 @@ def test_sweep_setting_is_checked():
 
     with pytest.raises(ValueError, match="sweep='cuda'"):
         GptqSpecial(sweep="cuda")
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once(monkeypatch, caplog):
+    """A GPU where the fused kernel does not build or launch: the solve finishes with the plain sweep (same
+    result as sweep=eager), says so once, and later solves do not try the kernel again."""
+    import torch
+
+    from llmc_ray.algorithms import gptq_kernel
+    from llmc_ray.algorithms.gptq import gptq_solve
+    from llmc_ray.quant.quantizer import QuantSpec
+
+    calls = []
+
+    def no_kernel(*args):
+        calls.append(1)
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(gptq_kernel, "broken", None)
+    monkeypatch.setattr(gptq_kernel, "interpreting", lambda: True)  # let usable() accept CPU tensors
+    monkeypatch.setattr(gptq_kernel, "fused_sweep", no_kernel)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 40, generator=g) @ torch.randn(40, 40, generator=g)
+    w, H = torch.randn(12, 40, generator=g), 2 * x.t() @ x / 256
+    spec = QuantSpec(4, False, "per_group", 8)
+    want = gptq_solve(w, H, spec, blocksize=16, sweep="eager")
+    with caplog.at_level("WARNING"):
+        got = gptq_solve(w, H, spec, blocksize=16, sweep="triton")
+        again = gptq_solve(w, H, spec, blocksize=16, sweep="triton")
+    assert torch.equal(want.q, got.q) and torch.equal(want.row_loss, got.row_loss) and torch.equal(got.q, again.q)
+    assert len(calls) == 1 and "no kernel image" in gptq_kernel.broken
+    assert sum("fused kernel failed" in r.getMessage() for r in caplog.records) == 1

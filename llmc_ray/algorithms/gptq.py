@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -22,6 +23,8 @@ from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
 from . import gptq_kernel
 from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register
+
+log = logging.getLogger(__name__)
 
 
 SWEEPS = ("graph", "triton", "eager")
@@ -35,7 +38,8 @@ class GptqSpecial:
     static_groups: bool = False  # per_group: all group qparams from the original W, before any update
     true_sequential: bool = True  # capture each subset's input with the earlier subsets already quantized
     # how a lazy batch's column sweep runs on a GPU: "triton" runs it as one fused kernel (gptq_kernel.py;
-    # falls back to the graph where Triton or a power-of-two blocksize is missing); "graph" replays it as a
+    # falls back to the graph where Triton or a power-of-two blocksize is missing, or where the kernel does
+    # not build on the GPU: said once in the log); "graph" replays it as a
     # CUDA graph (bit-identical to "eager", PyTorch ops launched from Python). On a CPU it is always eager.
     sweep: str = "triton"
 
@@ -185,8 +189,19 @@ def pad_lazy_batch(W1, Hinv1, S, Z, width: int):
 
 def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
     n = W1.shape[1]
-    Q1, L1, Err1 = gptq_kernel.fused_sweep(*pad_lazy_batch(W1, Hinv1, S, Z, width), spec.qmin, spec.qmax)
-    return Q1[:, :n], L1[:, :n], Err1[:, :n]
+    if not gptq_kernel.broken:
+        try:
+            Q1, L1, Err1 = gptq_kernel.fused_sweep(*pad_lazy_batch(W1, Hinv1, S, Z, width), spec.qmin, spec.qmax)
+            return Q1[:, :n], L1[:, :n], Err1[:, :n]
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # the kernel does not build or launch here (old GPU, Triton/driver mismatch)
+            gptq_kernel.broken = f"the fused kernel failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
+            log.warning("GPTQ: %s; using the %s sweep for the rest of this process (quant.special.sweep=graph "
+                        "avoids trying it)", gptq_kernel.broken, "CUDA-graph" if W1.is_cuda else "eager")
+    if W1.is_cuda:
+        return graphed_sweep(W1, Hinv1, S, Z, spec, width)
+    return column_sweep(W1, Hinv1, S, Z, spec)
 
 
 def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):

@@ -30,10 +30,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# why the kernel failed to build or launch on this process's GPU (then every later solve skips it)
+broken: Optional[str] = None
+
+
 def usable(t: torch.Tensor, width: int) -> Optional[str]:
     """None when the fused sweep can run on tensors like `t` with lazy batches of `width` columns, else why not."""
     if triton is None:
         return "triton is not installed"
+    if broken:
+        return broken
     if not (t.is_cuda or interpreting()):
         return "the tensors are not on a CUDA device"
     if width < 1 or width & (width - 1) or width > 256:
