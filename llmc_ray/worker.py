@@ -355,6 +355,7 @@ class BlockWorker:
         """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""
         from safetensors.torch import save_file
 
+        self.flush_checkpoints(clear=False)  # one write in flight: the previous block's host copy is freed first
         # host copies now (the block's device weights may change later, e.g. a fake-quant eval); the file
         # write goes to the background thread
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in var.block(index).state_dict().items()}
@@ -374,7 +375,6 @@ class BlockWorker:
                     tmp.unlink(missing_ok=True)
                 self._write_errors.append(f"block {index}: checkpoint not written to {final} ({e})")
 
-        self.flush_checkpoints(clear=False)
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-checkpoint")
         self._writing = self._writer.submit(write)

@@ -39,8 +39,8 @@ class GptqSpecial:
     true_sequential: bool = True  # capture each subset's input with the earlier subsets already quantized
     # how a lazy batch's column sweep runs on a GPU: "triton" runs it as one fused kernel (gptq_kernel.py;
     # falls back to the graph where Triton or a power-of-two blocksize is missing, or where the kernel does
-    # not build on the GPU: said once in the log); "graph" replays it as a
-    # CUDA graph (bit-identical to "eager", PyTorch ops launched from Python). On a CPU it is always eager.
+    # not build on the GPU: said once in the log); "graph" replays it as a CUDA graph (bit-identical to
+    # "eager", PyTorch ops launched from Python). On a CPU it is always eager.
     sweep: str = "triton"
 
     def __post_init__(self) -> None:
