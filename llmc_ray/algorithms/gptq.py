@@ -199,6 +199,11 @@ def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
             gptq_kernel.broken = f"the fused kernel failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
             log.warning("GPTQ: %s; using the %s sweep for the rest of this process (quant.special.sweep=graph "
                         "avoids trying it)", gptq_kernel.broken, "CUDA-graph" if W1.is_cuda else "eager")
+    return _plain_sweep(W1, Hinv1, S, Z, spec, width)
+
+
+def _plain_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
+    """The sweep without the fused kernel: a CUDA graph on a GPU, launched from Python on a CPU."""
     if W1.is_cuda:
         return graphed_sweep(W1, Hinv1, S, Z, spec, width)
     return column_sweep(W1, Hinv1, S, Z, spec)
@@ -250,12 +255,12 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
 
     Q, losses = torch.zeros_like(W), torch.zeros_like(W)
     found: List[QParams] = []  # dynamic group qparams, in sweep order
-    if sweep == "triton" and gptq_kernel.usable(W, blocksize) is None:
-        run_sweep = functools.partial(_fused_sweep, spec=spec, width=blocksize)
-    elif sweep != "eager" and W.is_cuda:
-        run_sweep = functools.partial(graphed_sweep, spec=spec, width=blocksize)
-    else:
+    if sweep == "eager":
         run_sweep = functools.partial(column_sweep, spec=spec)
+    elif sweep == "triton" and gptq_kernel.usable(W, blocksize) is None:
+        run_sweep = functools.partial(_fused_sweep, spec=spec, width=blocksize)
+    else:
+        run_sweep = functools.partial(_plain_sweep, spec=spec, width=blocksize)
     cur = qp
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
