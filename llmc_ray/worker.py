@@ -355,7 +355,7 @@ class BlockWorker:
         """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""
         from safetensors.torch import save_file
 
-        self.flush_checkpoints(clear=False)  # one write in flight: the previous block's host copy is freed first
+        self._wait_for_write()  # one write in flight: the previous block's host copy is freed first
         # host copies now (the block's device weights may change later, e.g. a fake-quant eval); the file
         # write goes to the background thread
         tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in var.block(index).state_dict().items()}
@@ -379,14 +379,15 @@ class BlockWorker:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-checkpoint")
         self._writing = self._writer.submit(write)
 
-    def flush_checkpoints(self, clear: bool = True) -> List[str]:
-        """Wait for the checkpoint write in flight; the failed writes since the last flush (cleared)."""
+    def _wait_for_write(self) -> None:
         if self._writing is not None:
             self._writing.result()
             self._writing = None
-        errors = list(self._write_errors)
-        if clear:
-            self._write_errors.clear()
+
+    def flush_checkpoints(self) -> List[str]:
+        """Wait for the checkpoint write in flight; the failed writes since the last flush (then forgotten)."""
+        self._wait_for_write()
+        errors, self._write_errors = self._write_errors, []
         return errors
 
     def restore_block(self, index: int, acts: Any, job: CalibJob, keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
