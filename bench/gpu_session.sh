@@ -53,6 +53,8 @@ ours() { local name=$1; shift; local t0=$SECONDS
          python3 -m llmc_ray run.progress=false save.save_path=$OUT/$name "$@" > $OUT/$name.log 2>&1 \
            || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
          echo "$name wall $((SECONDS - t0)) s"; }
+# the SmolLM2 runs: the demo model and text, bf16, 128 calibration samples, every eval window of 2048
+SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
 summary() { python3 - <<'PY'
 import json, os, glob
 for f in sorted(glob.glob(os.environ["OUT"] + "/*/results.json")):
@@ -65,7 +67,6 @@ PY
 }
 if [ "$phase" = ours ]; then
   # tokens for llm-compressor: the very ones llmc-ray uses (this also converts the GGUF to an HF dir)
-  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
   [ -f /tmp/cmp/smol/calib.pt ] || python3 bench/llmcompressor/dump_tokens.py --out /tmp/cmp/smol "${SMOL[@]}" || exit 1
   ln -sfn "$(ls -d $LLMC_RAY_CACHE/gguf/SmolLM2*/ | head -1)" /tmp/cmp/smol_hf
   E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
@@ -82,7 +83,6 @@ if [ "$phase" = ours ]; then
   done; done > $OUT/block_profile.md
 fi
 if [ "$phase" = verify ]; then  # after the data-movement and sync changes: SmolLM2 rows again, 7B-shape blocks
-  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
   E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
   ours v_smol_awq "${SMOL[@]}" "${E[@]}" quant=awq
   ours v_smol_gptq_matched "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
@@ -96,7 +96,6 @@ fi
 if [ "$phase" = batched ]; then  # the same SmolLM2 runs with 32 calibration samples per forward
   python3 bench/gptq_sweep_bench.py 2>&1 | tee $OUT/gptq_sweep.md
   for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
-  SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
   E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]" calib.bs=32)
   ours smol_awq_bs32 "${SMOL[@]}" "${E[@]}" quant=awq
   ours smol_gptq_matched_bs32 "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
@@ -138,7 +137,6 @@ if [ "$phase" = triton ]; then
     python3 bench/block_profile.py synthetic:smollm2-135m:30 GPTQ 1 --blocks 6 --special true_sequential=false sweep=$s 2>&1 | tail -9
   done > $OUT/block_profile.md
   if [ -f $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-    SMOL=(+experiment=demo model.torch_dtype=bfloat16 calib.n_samples=128 eval.seq_len=2048 eval.num_samples=null)
     E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]" quant=gptq quant.special.static_groups=true)
     for s in graph triton; do
       ours t_smol_gptq_matched_$s "${SMOL[@]}" "${E[@]}" quant.special.sweep=$s
