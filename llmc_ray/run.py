@@ -249,6 +249,7 @@ def _run_points(points: List[Point]) -> None:
         export("fake", live)
         memory = group.call_all("memory")
     finally:
+        schedule.settle_checkpoints(group)  # block checkpoints still being written (also when a stage failed)
         group.shutdown()
     timer.timings["total"] = round(time.perf_counter() - t_start, 3)
     for pt in live:

@@ -207,9 +207,9 @@ class BlockWorker:
             return self.kept.pop(acts.variant)[1]
         return self._to_dev(acts) if acts is not None else None
 
-    def _hand_on(self, out: Acts, index: int, job: "CalibJob", keep: bool) -> Any:
-        """The next block's inputs: kept on the device when that block is ours (`keep`), else host copies."""
-        if keep:
+    def _hand_on(self, out: Acts, index: int, job: "CalibJob", hand_on: str) -> Any:
+        """The next block's inputs: kept on the device when that block is ours, else host copies."""
+        if hand_on == "device":
             self.kept[job.variant] = (index + 1, out)
             return KeptOnDevice(job.variant, index + 1)
         return self._to_cpu(out)
@@ -262,13 +262,15 @@ class BlockWorker:
         return KeptOnDevice(variant, 0)
 
     def calibrate_block(self, index: int, acts: Any, job: CalibJob,
-                        keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
+                        hand_on: str = "host") -> Tuple[Any, Dict[str, Any]]:
         """Sequential schedule: transform block `index` on its inputs (host activations, or KeptOnDevice);
-        return the next block's inputs (this block's transformed, or with quant_out fake-quantized, outputs;
-        KeptOnDevice when `keep`: the next block is on this actor) and a report."""
+        return the next block's inputs (this block's transformed, or with quant_out fake-quantized, outputs)
+        and a report. `hand_on` says where the next block is (HAND_ON): "device" (this actor: KeptOnDevice),
+        "host" (another actor: host copies) or "none" (the last block: its outputs are not computed)."""
+        _check_hand_on(hand_on)
         dev = self._take(acts, index)
-        out, report = self._calibrate(index, dev, job, propagate=dev is not None)
-        return (self._hand_on(out, index, job, keep) if out is not None else None), report
+        out, report = self._calibrate(index, dev, job, propagate=dev is not None and hand_on != "none")
+        return (self._hand_on(out, index, job, hand_on) if out is not None else None), report
 
     def capture(self, x: Any, bs: int = 1, skip: Tuple[int, ...] = (), merge_tokens: Optional[int] = None) -> Optional[Acts]:
         """Parallel schedule, pass 1: keep every own block's fp inputs for this chunk of calibration data
@@ -356,12 +358,15 @@ class BlockWorker:
         from safetensors.torch import save_file
 
         self._wait_for_write()  # one write in flight: the previous block's host copy is freed first
-        # host copies now (the block's device weights may change later, e.g. a fake-quant eval); the file
-        # write goes to the background thread
-        tensors = {f"w.{k}": v.detach().cpu().contiguous() for k, v in var.block(index).state_dict().items()}
+        # host copies now (the block's device weights may change later, e.g. a fake-quant eval), through pinned
+        # buffers: torch's host cache hands the previous block's buffers back, so only the first block pays for
+        # pinning. Pageable copies cost ~0.4 s per 7B block here; made on the writer thread instead, they held
+        # up the compute thread's kernel launches. The file write goes to the background thread.
+        tensors = {f"w.{k}": v.detach() for k, v in var.block(index).state_dict().items()}
         for name, (scale, zero) in var.qparams[index].items():
-            tensors[f"scale.{name}"] = scale.cpu().contiguous()
-            tensors[f"zero.{name}"] = zero.cpu().contiguous()
+            tensors[f"scale.{name}"] = scale
+            tensors[f"zero.{name}"] = zero
+        tensors = dict(zip(tensors, (t.contiguous() for t in self._to_cpu(list(tensors.values())))))
         final = block_checkpoint(ckpt_dir, index)
         metadata = {"report": json.dumps(report)}
 
@@ -390,11 +395,14 @@ class BlockWorker:
         errors, self._write_errors = self._write_errors, []
         return errors
 
-    def restore_block(self, index: int, acts: Any, job: CalibJob, keep: bool = False) -> Tuple[Any, Dict[str, Any]]:
+    def restore_block(self, index: int, acts: Any, job: CalibJob,
+                      hand_on: str = "host") -> Tuple[Any, Dict[str, Any]]:
         """Resume: load a block finished by an earlier run instead of calibrating it, then hand on the same
-        outputs the original run handed on (transformed or, with quant_out, fake-quantized)."""
+        outputs the original run handed on (transformed or, with quant_out, fake-quantized; see
+        calibrate_block for `hand_on`)."""
         from safetensors import safe_open
 
+        _check_hand_on(hand_on)
         dev = self._take(acts, index)
 
         path = block_checkpoint(Path(job.checkpoint_dir), index)
@@ -407,10 +415,10 @@ class BlockWorker:
         var.spec = job.spec
         var.qparams[index] = {n: (t[f"scale.{n}"], t[f"zero.{n}"]) for n in linears(self.subsets[index])}
         var.mode = "transformed"
-        if dev is None:
+        if dev is None or hand_on == "none":
             return None, {**report, "resumed": True}
         out = self._propagate(var, index, merge_batches(dev, job.merge_tokens), job.quant_out)
-        return self._hand_on(out, index, job, keep), {**report, "resumed": True}
+        return self._hand_on(out, index, job, hand_on), {**report, "resumed": True}
 
     def _propagate(self, var: Variant, index: int, dev_acts: Acts, quant_out: bool) -> Acts:
         """The next block's inputs (on the device): this block's output, fake-quantized first when quant_out
@@ -500,6 +508,14 @@ class BlockWorker:
         if self.device.type == "cuda":
             out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
+
+
+HAND_ON = ("device", "host", "none")  # where a calibrated block's outputs go: see calibrate_block
+
+
+def _check_hand_on(hand_on: str) -> None:
+    if hand_on not in HAND_ON:
+        raise ValueError(f"hand_on={hand_on!r}: use one of {HAND_ON}")
 
 
 def block_checkpoint(ckpt_dir: Path, index: int) -> Path:

@@ -54,8 +54,9 @@ def test_merged_micro_batches_equal_one_big_batch(method, tiny_dir, texts, tmp_p
 
 
 def test_kept_outputs_feed_the_next_block_exactly(tiny_dir):
-    """keep=True hands back a KeptOnDevice marker; the next block then calibrates on exactly the tensors a
-    host hand-off would have given it. A marker for another block is refused."""
+    """hand_on="device" hands back a KeptOnDevice marker; the next block then calibrates on exactly the tensors
+    a host hand-off would have given it. A marker for another block is refused. The last block (hand_on="none")
+    hands on nothing and is calibrated like any other."""
     plan = WorkerPlan(0, (0, 1, 2, 3), True, True, str(tiny_dir), "llama", "float32", "cpu")
     job = CalibJob("GPTQ", {}, QuantSpec(4, False, "per_group", 32), quant_out=True)
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -65,7 +66,7 @@ def test_kept_outputs_feed_the_next_block_exactly(tiny_dir):
         w.load()
     first = kept.calib_inputs(ids, 2, variant=0)  # the embedded tokens stay for block 0
     assert first == KeptOnDevice(variant=0, block=0)
-    marker, _ = kept.calibrate_block(0, first, job, keep=True)
+    marker, _ = kept.calibrate_block(0, first, job, hand_on="device")
     assert marker == KeptOnDevice(variant=0, block=1)
     acts, _ = host.calibrate_block(0, host.calib_inputs(ids, 2), job)
     assert isinstance(acts, list) and all(a.device.type == "cpu" for a in acts)
@@ -76,6 +77,13 @@ def test_kept_outputs_feed_the_next_block_exactly(tiny_dir):
     assert all(torch.equal(x, y) for x, y in zip(out_kept, out_host))
     for name, w in kept.blocks[1].state_dict().items():
         assert torch.equal(w, host.blocks[1].state_dict()[name]), name
+    nothing, report = kept.calibrate_block(2, out_kept, job, hand_on="none")
+    host.calibrate_block(2, out_host, job)
+    assert nothing is None and report["block"] == 2 and not kept.kept
+    for name, w in kept.blocks[2].state_dict().items():
+        assert torch.equal(w, host.blocks[2].state_dict()[name]), name
+    with pytest.raises(ValueError, match="hand_on='gpu'"):
+        kept.calibrate_block(3, out_kept, job, hand_on="gpu")
 
 
 def test_out_of_memory_names_the_knobs(tiny_dir, monkeypatch):

@@ -119,7 +119,8 @@ def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]
                                     (f" (point {j})" if len(jobs) > 1 else ""))
             got[j][b] = rep
             bar.update(1)
-    settle_checkpoints(group)
+    # the last blocks' checkpoint writes may still be in flight: the run waits for them at its end
+    # (settle_checkpoints), so they overlap the evals and exports
     out: List[Any] = []
     for reps in got:
         ordered = [reps[b] for b in sorted(reps)]
@@ -141,9 +142,10 @@ def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: i
         refs = []
         for i in range(n_blocks):
             step = group.owner[i].restore_block if i < (done[j] if done else 0) else group.owner[i].calibrate_block
-            # the next block on the same actor takes the outputs straight from the device
-            keep = i + 1 < n_blocks and group.owner[i + 1] is group.owner[i]
-            acts, rep = step.options(num_returns=2).remote(i, acts, job, keep)
+            # the next block on the same actor takes the outputs straight from the device; the last block's
+            # outputs feed nothing (not even computed)
+            hand_on = "none" if i + 1 == n_blocks else "device" if group.owner[i + 1] is group.owner[i] else "host"
+            acts, rep = step.options(num_returns=2).remote(i, acts, job, hand_on)
             refs.append(rep)
         report_refs.append(refs)
     return _collect(group, jobs, report_refs, f"calibrate {jobs[0].method}", progress)
