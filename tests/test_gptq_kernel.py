@@ -1,11 +1,10 @@
 """The fused Triton column sweep against the eager PyTorch sweep, run by Triton's interpreter on CPU tensors
 (TRITON_INTERPRET=1 must be set before triton compiles anything, hence a child process)."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from interpret import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -42,9 +41,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_fused_sweep_equals_eager_sweep_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+    run_interpreted(CHILD)
 
 
 def test_sweep_setting_is_checked():

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..models.spec import Subset
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant, to_groups
+from .awq_kernel import scaled_fake_quant, sq_err_sum
 from .base import BlockContext, BlockResult, expert_coverage, register, token_count
 
 TRANS_VERSIONS = ("v1", "v2")
@@ -115,7 +116,7 @@ def inspect_mse(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor],
                 ref: Sequence[torch.Tensor]) -> torch.Tensor:
     """MSE of the inspect module's output vs `ref` over all micro-batches (one mean over all elements), as a
     0-d fp32 tensor on the device: reading it back would stall the launch queue once per grid point."""
-    sq = sum((ctx.call(subset, x).float() - r.float()).pow(2).sum() for x, r in zip(xs, ref))
+    sq = sum(sq_err_sum(ctx.call(subset, x), r) for x, r in zip(xs, ref))
     return sq / sum(r.numel() for r in ref)
 
 
@@ -139,7 +140,7 @@ def search_scale(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor], 
             s = scales(k)
             for m, w in zip(layers, orig):
                 # Q(W*s)/s on input x equals Q(W*s) on x/s: keeps the captured inputs untouched
-                m.weight.data = (fake_quant(w.float() * s, ctx.spec) / s).to(w.dtype)
+                m.weight.data = scaled_fake_quant(w, s, ctx.spec)
             with torch.no_grad():
                 losses.append(inspect_mse(ctx, subset, xs, ref))
     finally:
