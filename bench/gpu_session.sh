@@ -5,16 +5,33 @@
 #   ours      carry .whl .cache/sotu: dumps the SmolLM2 tokens for llm-compressor, llmc-ray AWQ/GPTQ on SmolLM2
 #             (default and matched settings), block_profile.py with and without micro-batch merging
 #   ours7b    carry .whl .cache/sotu: FLOP floor, llmc-ray on a 4-block Qwen2-7B-shape
-#             model (also written to /tmp/cmp/q7b4 for llm-compressor)
+#             model (also written to /tmp/cmp/q7b${D} for llm-compressor)
 #   verify    carry .whl .cache/sotu: SmolLM2 AWQ/GPTQ rows again, GPTQ without merging at bs=32, 7B-shape blocks
 #   triton    carry .whl .cache/sotu: GPTQ's column sweep eager / CUDA graph / fused Triton (solver alone, one
 #             block, and the SmolLM2 GPTQ rows with each)
 #   q7        carry .whl .cache/sotu: the llmc-ray side of ours7b alone (no materialized copy)
+#   timeline  carry .whl: write speed of one 7B block's checkpoint to $OUT and /tmp, then Ray task timelines
+#             (bench/timeline.py) of the 7B-shape matched runs: what the calibrate stage spends outside blocks
+#   awqk      carry .whl (.cache/sotu and a staged GGUF for the SmolLM2 rows): block profiles of AWQ and GPTQ
+#             at 7B shape, timelines of the 7B-shape matched/default runs, SmolLM2 AWQ/GPTQ PPL
+#   full7b    carry .whl: DEPTH=28 for the whole Qwen2-7B shape: ours matched AWQ and GPTQ on it (and GPTQ without
+#             block checkpoints); DEPTH=28 ONLY7B=1 BS=32 ... theirs writes the same model for llm-compressor itself
 #   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
 #   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens (BS=32 bash ...: 32 rows
 #             a forward instead of its default 1)
 set -uo pipefail
 phase=$1
+D=${DEPTH:-4}  # blocks of the Qwen2-7B-shape model of the 7B rows (DEPTH=28: the whole model)
+q7_tokens() { D=$D python3 - <<'PY'
+import torch, os
+from llmc_ray.synthetic import synthetic_tokens, ARCHS
+d = f"/tmp/cmp/q7b{os.environ['D']}_tok"
+os.makedirs(d, exist_ok=True)
+v = ARCHS["qwen2-7b"]["vocab_size"]
+torch.save(synthetic_tokens(128, 512, v, 42), f"{d}/calib.pt")  # = the run's calib tokens
+torch.save(synthetic_tokens(4, 2048, v, 43), f"{d}/eval.pt")
+PY
+}
 mkdir -p /tmp/stage /tmp/cmp
 if [ "$phase" = stage ]; then cat .stage/$2/* >> /tmp/stage/smollm2.gguf; ls -la /tmp/stage; exit 0; fi
 if [ "$phase" = theirs ]; then
@@ -26,14 +43,17 @@ if [ "$phase" = theirs ]; then
            --batch-size $BS --out $OUT/$name.json "$@" > $OUT/$name.log 2>&1 || { echo "$name FAILED"; tail -20 $OUT/$name.log; }
          echo "$name wall $((SECONDS - t0)) s"; }
   SMOL=(--model /tmp/cmp/smol_hf --calib /tmp/cmp/smol/calib.pt --eval /tmp/cmp/smol/eval.pt --group-size 64)
-  Q7=(--model /tmp/cmp/q7b4 --calib /tmp/cmp/q7b4_tok/calib.pt --eval /tmp/cmp/q7b4_tok/eval.pt --group-size 128)
+  Q7=(--model /tmp/cmp/q7b${D} --calib /tmp/cmp/q7b${D}_tok/calib.pt --eval /tmp/cmp/q7b${D}_tok/eval.pt --group-size 128)
   if [ -z "${ONLY7B:-}" ]; then  # ONLY7B=1: the 7B-shape runs alone
     lc lc_smol_awq "${SMOL[@]}" --method awq
     lc lc_smol_gptq_matched "${SMOL[@]}" --method gptq --sequential-targets Linear
     lc lc_smol_gptq_layer "${SMOL[@]}" --method gptq
   fi
-  [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_awq "${Q7[@]}" --method awq
-  [ -d /tmp/cmp/q7b4 ] && lc lc_q7b4_gptq_layer "${Q7[@]}" --method gptq
+  if [ -n "${ONLY7B:-}" ] && [ ! -d /tmp/cmp/q7b${D} ]; then  # a fresh machine: write the model and tokens here
+    python3 bench/materialize_synthetic.py qwen2-7b $D /tmp/cmp/q7b${D} | tail -1; q7_tokens
+  fi
+  [ -d /tmp/cmp/q7b${D} ] && lc lc_q7b${D}_awq "${Q7[@]}" --method awq
+  [ -d /tmp/cmp/q7b${D} ] && lc lc_q7b${D}_gptq_layer "${Q7[@]}" --method gptq
   python3 - <<'PY'
 import glob, json, os
 for f in sorted(glob.glob(os.environ["OUT"] + "/lc_*.json")):
@@ -101,32 +121,84 @@ if [ "$phase" = batched ]; then  # the same SmolLM2 runs with 32 calibration sam
   ours smol_gptq_matched_bs32 "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true
   summary
 fi
-Q7=(model.path=synthetic:qwen2-7b:4 model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
+Q7=(model.path=synthetic:qwen2-7b:$D model.torch_dtype=bfloat16 calib.n_samples=128 calib.seq_len=512
     calib.bs=16 eval.seq_len=2048 eval.num_samples=4 "eval.eval_pos=[fake_quant]" quant.weight.group_size=128 dist=gpu dist.actors=1)
 if [ "$phase" = q7 ]; then  # the 7B-shape rows alone (llmc-ray side)
-  ours q7b4_awq "${Q7[@]}" quant=awq
-  ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
-  ours q7b4_awq_matched_noresume "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false save.resume=false
-  ours q7b4_gptq "${Q7[@]}" quant=gptq
-  ours q7b4_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  ours q7b${D}_awq "${Q7[@]}" quant=awq
+  ours q7b${D}_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours q7b${D}_awq_matched_noresume "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false save.resume=false
+  ours q7b${D}_gptq "${Q7[@]}" quant=gptq
+  ours q7b${D}_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
   summary
+fi
+if [ "$phase" = timeline ]; then
+  python3 - <<'PY'
+import os, time, torch
+from safetensors.torch import save_file
+from llmc_ray.checkpoint import Checkpoint, resolve_model_dir
+ck = Checkpoint(resolve_model_dir("synthetic:qwen2-7b:1"))
+sd = ck.load_prefix("model.layers.0", device=torch.device("cuda"), dtype=torch.bfloat16)
+gb = sum(t.numel() * t.element_size() for t in sd.values()) / 2**30
+for d in (os.environ["OUT"], "/tmp"):
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    host = {k: v.cpu().contiguous() for k, v in sd.items()}
+    t1 = time.perf_counter()
+    save_file(host, f"{d}/blk.safetensors")
+    t2 = time.perf_counter()
+    os.sync(); t3 = time.perf_counter()
+    print(f"{d}: {gb:.2f} GiB block, host copy {t1 - t0:.3f} s, save_file {t2 - t1:.3f} s, sync {t3 - t2:.3f} s")
+    os.remove(f"{d}/blk.safetensors")
+PY
+  df -h $OUT /tmp | tail -2
+  # the first run also pays the Triton compile (a fresh machine has no kernel cache): run twice
+  for sr in $OUT:true:cold $OUT:true:warm /tmp:true:warm /tmp:false:warm; do
+    IFS=: read s r w <<< "$sr"; f=$OUT/tl_gptq_${r}_$(basename $s)_$w.txt
+    python3 bench/timeline.py /tmp/tl.json "${Q7[@]}" quant=gptq quant.special.static_groups=true \
+      quant.special.true_sequential=false run.progress=false save.save_path=$s/tl_gptq_${r}_$w save.resume=$r 2>&1 \
+      | grep -v WARNING | tail -40 > $f
+    echo "$f"; grep "^timings\|^blocks" $f; rm -rf $s/tl_gptq_${r}_$w
+  done
+  python3 bench/timeline.py /tmp/tl.json "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false \
+    run.progress=false save.save_path=/tmp/tl_awq 2>&1 | grep -v WARNING | tail -40 > $OUT/tl_awq.txt
+  grep "^timings\|^blocks" $OUT/tl_awq.txt
+fi
+if [ "$phase" = awqk ]; then
+  python3 bench/block_profile.py synthetic:qwen2-7b:4 Awq 16 --blocks 3 --group-size 128 --special weight_clip=false \
+    --trace > $OUT/awq_profile.txt 2>&1; tail -12 $OUT/awq_profile.txt
+  python3 bench/block_profile.py synthetic:qwen2-7b:4 GPTQ 16 --blocks 3 --group-size 128 --special static_groups=true \
+    true_sequential=false > $OUT/gptq_profile.txt 2>&1; tail -9 $OUT/gptq_profile.txt
+  tl() { local name=$1; shift
+         python3 bench/timeline.py /tmp/tl.json "${Q7[@]}" run.progress=false save.save_path=/tmp/$name "$@" 2>&1 \
+           | grep -v WARNING | grep -v "stage:stage" | tail -14 > $OUT/$name.txt; echo "== $name"; grep -v "^|" $OUT/$name.txt; }
+  tl tl_gptq_matched quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  tl tl_awq_matched quant=awq quant.special.weight_clip=false quant.quant_out=false
+  tl tl_awq quant=awq
+  if [ -f $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
+    ours k_smol_awq "${SMOL[@]}" "${E[@]}" quant=awq
+    ours k_smol_awq_matched "${SMOL[@]}" "${E[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+    ours k_smol_gptq_layer "${SMOL[@]}" "${E[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+    summary
+  fi
+fi
+if [ "$phase" = full7b ]; then
+  python3 -c "import safetensors; print('safetensors', safetensors.__version__)"; cat /proc/sys/vm/dirty_ratio
+  ours q7b${D}_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours q7b${D}_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  ours q7b${D}_gptq_matched_noresume "${Q7[@]}" quant=gptq quant.special.static_groups=true \
+    quant.special.true_sequential=false save.resume=false
+  summary
+  rm -rf $OUT/q7b${D}_*/  # the logs stay
 fi
 if [ "$phase" = ours7b ]; then
   for a in qwen2-7b llama2-70b; do python3 bench/flop_floor.py $a 2>&1 | tail -3; done | tee $OUT/flop_floor.txt
-  python3 bench/materialize_synthetic.py qwen2-7b 4 /tmp/cmp/q7b4
-  cp /tmp/cmp/smol_hf/tokenizer* /tmp/cmp/q7b4/ 2>/dev/null  # ids are passed directly; a tool may still want one
-  python3 - <<'PY'
-import torch, os
-from llmc_ray.synthetic import synthetic_tokens, ARCHS
-os.makedirs("/tmp/cmp/q7b4_tok", exist_ok=True)
-v = ARCHS["qwen2-7b"]["vocab_size"]
-torch.save(synthetic_tokens(128, 512, v, 42), "/tmp/cmp/q7b4_tok/calib.pt")  # = the run's calib tokens
-torch.save(synthetic_tokens(4, 2048, v, 43), "/tmp/cmp/q7b4_tok/eval.pt")
-PY
-  ours q7b4_awq "${Q7[@]}" quant=awq
-  ours q7b4_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
-  ours q7b4_gptq "${Q7[@]}" quant=gptq
-  ours q7b4_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
+  python3 bench/materialize_synthetic.py qwen2-7b $D /tmp/cmp/q7b${D}
+  cp /tmp/cmp/smol_hf/tokenizer* /tmp/cmp/q7b${D}/ 2>/dev/null  # ids are passed directly; a tool may still want one
+  q7_tokens
+  ours q7b${D}_awq "${Q7[@]}" quant=awq
+  ours q7b${D}_awq_matched "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  ours q7b${D}_gptq "${Q7[@]}" quant=gptq
+  ours q7b${D}_gptq_matched "${Q7[@]}" quant=gptq quant.special.static_groups=true quant.special.true_sequential=false
   summary
 fi
 if [ "$phase" = triton ]; then

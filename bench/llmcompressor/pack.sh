@@ -79,6 +79,10 @@ for whl in sorted(glob.glob(os.path.join(src, "*.whl"))):
     print(f"slimmed {base}: {os.path.getsize(whl) / 2**20:.1f} -> {os.path.getsize(dst) / 2**20:.1f} MiB, "
           f"{len(names) - len(kept)} files dropped")
 PY
+# omegaconf (+ its antlr4 runtime, a wheel built by ../shared/device/pack-wheels.sh) lets the same call import
+# llmc_ray, to write the synthetic checkpoint llm-compressor reads (bench/materialize_synthetic.py)
+cp .whl/omegaconf-2.3.0-py3-none-any.whl .whl/antlr4_python3_runtime-4.9.3-py3-none-any.whl "$out"/ \
+  || echo "no .whl/ omegaconf + antlr4 wheels (run ../shared/device/pack-wheels.sh first): theirs cannot write synthetic models" >&2
 total=$(du -cb "$out"/*.whl | tail -1 | cut -f1)
 ls -l "$out"
 echo "total $((total / 1048576)) MiB in $(ls "$out" | wc -l) wheels"
