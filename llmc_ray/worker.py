@@ -189,8 +189,8 @@ class BlockWorker:
 
     @staticmethod
     def _to_cpu(acts: Acts, pin: bool = True) -> Acts:
-        """Host copies. Short-lived ones (hand-offs) go through pinned buffers, several times faster than
-        pageable copies; long-lived ones (pin=False: stored captures) must not lock host memory."""
+        """Host copies. Short-lived ones (hand-offs, checkpoint copies) go through pinned buffers, several times
+        faster than pageable copies; long-lived ones (pin=False: stored captures) must not lock host memory."""
         if pin and acts and acts[0].is_cuda:
             out = [torch.empty(a.shape, dtype=a.dtype, pin_memory=True).copy_(a, non_blocking=True) for a in acts]
             torch.cuda.current_stream(acts[0].device).synchronize()
@@ -360,8 +360,9 @@ class BlockWorker:
         self._wait_for_write()  # one write in flight: the previous block's host copy is freed first
         # host copies now (the block's device weights may change later, e.g. a fake-quant eval), through pinned
         # buffers: torch's host cache hands the previous block's buffers back, so only the first block pays for
-        # pinning. Pageable copies cost ~0.4 s per 7B block here; made on the writer thread instead, they held
-        # up the compute thread's kernel launches. The file write goes to the background thread.
+        # pinning. Pageable copies cost ~0.4 s per 7B block here; made on the writer thread instead (a side
+        # stream) they slowed the next blocks down (bench/RESULTS.md, fourth round). The file write goes to the
+        # background thread.
         tensors = {f"w.{k}": v.detach() for k, v in var.block(index).state_dict().items()}
         for name, (scale, zero) in var.qparams[index].items():
             tensors[f"scale.{name}"] = scale
