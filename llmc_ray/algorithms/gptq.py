@@ -187,12 +187,17 @@ def pad_lazy_batch(W1, Hinv1, S, Z, width: int):
     return (F.pad(W1, (0, pad)), eye, F.pad(S, (0, pad), value=1.0), F.pad(Z, (0, pad)))
 
 
-def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
+def padded_sweep(run, W1, Hinv1, S, Z, width: int):
+    """`run(W1, Hinv1, S, Z)`, a sweep over exactly `width` columns, on a batch padded to that width (the fused
+    kernel and the CUDA graph take fixed widths); the real columns of (Q1, L1, Err1) back."""
     n = W1.shape[1]
+    return tuple(t[:, :n] for t in run(*pad_lazy_batch(W1, Hinv1, S, Z, width)))
+
+
+def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
     if not gptq_kernel.broken:
         try:
-            Q1, L1, Err1 = gptq_kernel.fused_sweep(*pad_lazy_batch(W1, Hinv1, S, Z, width), spec.qmin, spec.qmax)
-            return Q1[:, :n], L1[:, :n], Err1[:, :n]
+            return padded_sweep(lambda *t: gptq_kernel.fused_sweep(*t, spec.qmin, spec.qmax), W1, Hinv1, S, Z, width)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # the kernel does not build or launch here (old GPU, Triton/driver mismatch)
@@ -211,15 +216,12 @@ def _plain_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
 
 def graphed_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
     """The sweep as a CUDA graph, batches padded to `width` columns: one graph per row count serves them all."""
-    rows, n = W1.shape
-    W1, Hinv1, S, Z = pad_lazy_batch(W1, Hinv1, S, Z, width)
-    key = (rows, width, W1.device, spec.qmin, spec.qmax)
+    key = (W1.shape[0], width, W1.device, spec.qmin, spec.qmax)
     if key not in _GRAPHS:
         if len(_GRAPHS) >= 16:  # shapes of one model are few; a long-lived actor may see many models
             _GRAPHS.clear()
-        _GRAPHS[key] = _GraphedSweep(rows, width, spec, W1.device)
-    Q1, L1, Err1 = _GRAPHS[key](W1, Hinv1, S, Z)
-    return Q1[:, :n], L1[:, :n], Err1[:, :n]
+        _GRAPHS[key] = _GraphedSweep(W1.shape[0], width, spec, W1.device)
+    return padded_sweep(_GRAPHS[key], W1, Hinv1, S, Z, width)
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
