@@ -3,6 +3,7 @@
     python bench/sweep_bench.py OUT_DIR MODEL ACTORS SCHEDULE METHOD POINT [POINT ...]
     MODEL  = synthetic:ARCH:LAYERS (timing only) or demo (SmolLM2 + SOTU, the demo's data settings)
     POINT  = BIT:GROUP_SIZE, e.g. 4:128 3:128 4:64 3:64
+    --pipelined-only: skip the separate runs (to time the pipelined sweep on another actor count)
 
 Prints, per mode, the wall time and every point's fake-quant PPL (they must agree between the modes: the
 pipelined sweep is tested to equal separate runs bit for bit), then the speed-up.
@@ -55,13 +56,15 @@ def _demo():
 
 
 def main() -> None:
-    out, model, actors, schedule, method, *points = sys.argv[1:]
+    args = [a for a in sys.argv[1:] if a != "--pipelined-only"]
+    out, model, actors, schedule, method, *points = args
     out = Path(out)
     pts = [tuple(int(x) for x in p.split(":")) for p in points]
     rows = {}
-    t0 = time.perf_counter()
-    alone = [run(config(model, int(actors), schedule, method, b, g, out / "alone")) for b, g in pts]
-    rows["separate runs"] = (time.perf_counter() - t0, alone)
+    if "--pipelined-only" not in sys.argv:
+        t0 = time.perf_counter()
+        alone = [run(config(model, int(actors), schedule, method, b, g, out / "alone")) for b, g in pts]
+        rows["separate runs"] = (time.perf_counter() - t0, alone)
     t0 = time.perf_counter()
     swept = run_many([config(model, int(actors), schedule, method, b, g, out / "pipelined") for b, g in pts])
     rows["pipelined sweep"] = (time.perf_counter() - t0, swept)
@@ -72,7 +75,8 @@ def main() -> None:
             else res[0]["timings_s"].get("calibrate")
         ppl = ", ".join(f"{next(iter(r['eval'].values())).get('fake_quant', float('nan')):.4f}" for r in res)
         print(f"| {mode} | {wall:.1f} | {calib:.1f} | {ppl} |")
-    print(f"speed-up (wall): {rows['separate runs'][0] / rows['pipelined sweep'][0]:.2f}x")
+    if "separate runs" in rows:
+        print(f"speed-up (wall): {rows['separate runs'][0] / rows['pipelined sweep'][0]:.2f}x")
     (out / "sweep_bench.json").write_text(json.dumps({k: {"wall_s": w, "results": r} for k, (w, r) in rows.items()},
                                                       default=str))
 

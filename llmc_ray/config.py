@@ -17,6 +17,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 CALIB_ALGOS = ("minmax", "mse")
 TARGETS = ("none", "tpu_mlir")
 SCHEDULES = ("sequential", "parallel")
+TRANSPORTS = ("auto", "collective", "object_store")
 DTYPES = ("float32", "float16", "bfloat16", "auto")
 
 
@@ -128,9 +129,14 @@ class DistConfig:
     # parallel schedule: write each block's captured calibration inputs to files under this directory (one per
     # actor) instead of holding them in host RAM until the block is calibrated; None: host RAM
     spill_dir: Optional[str] = None
+    # how eval batches and parallel-schedule captures go from actor to actor: collective (torch.distributed
+    # sends, NCCL between GPUs: device to device), object_store (host copies through Ray), auto (collective
+    # between GPU actors, object_store on CPU)
+    transport: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.actors >= 1, f"dist.actors={self.actors}: need at least one actor")
+        _require(self.transport in TRANSPORTS, f"dist.transport={self.transport!r}: use one of {TRANSPORTS}")
         _require(self.schedule in SCHEDULES, f"dist.schedule={self.schedule!r}: use one of {SCHEDULES}")
         _require(self.device in ("cpu", "cuda"), f"dist.device={self.device!r}: use cpu or cuda")
 

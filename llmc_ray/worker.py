@@ -25,6 +25,7 @@ from .algorithms.base import BlockContext, resolve, token_count
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
 from .models import block_subsets, expert_names, get_spec, linears, module_has
 from .models.spec import Subset
+from .peer import PeerLink, SentToPeer
 from .quant.quantizer import QuantSpec, compute_qparams, fake_quant
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class BlockWorker:
         self._writer: Optional[ThreadPoolExecutor] = None
         self._writing: Optional[Future] = None
         self._write_errors: List[str] = []
+        self.link: Optional[PeerLink] = None  # direct sends to the next worker (dist.transport=collective)
         self.set_variants(1)
 
     def set_variants(self, n: int) -> None:
@@ -183,7 +185,20 @@ class BlockWorker:
             self._kwargs_cache[seq] = {"position_embeddings": pe, "position_ids": pos, "attention_mask": None}
         return self._kwargs_cache[seq]
 
+    def connect(self, address: str, port: int, world: int) -> None:
+        """Join the chain's process group (every worker at once, after load): eval batches and parallel-schedule
+        captures then go to the next worker directly (see peer.py), not through host memory."""
+        self.link = PeerLink(address, port, self.plan.rank, world, self.device)
+
     # -- forward -----------------------------------------------------------------------------------------
+    def _from_prev(self, x: Any) -> Acts:
+        """A streamed stage's input from the previous worker: received directly, or host copies."""
+        return self.link.receive(x) if isinstance(x, SentToPeer) else self._to_dev(x)
+
+    def _to_next(self, acts: Acts) -> Any:
+        """A streamed stage's output for the next worker (the call's last step: see peer.py)."""
+        return self.link.send(acts) if self.link is not None else self._to_cpu(acts)
+
     def _to_dev(self, acts: Acts) -> Acts:
         return [a.to(self.device, self.dtype) for a in acts]
 
@@ -231,12 +246,12 @@ class BlockWorker:
     def stage(self, x: Any, ids: Optional[torch.Tensor] = None, bs: int = 1, variant: Optional[int] = None) -> Any:
         """One pipeline stage of an eval batch: tokens (first worker) or activations in; activations out,
         or (sum of token NLL, token count) from the last worker. variant None: the loaded fp blocks."""
-        acts = self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x)
+        acts = self.embed_tokens(x, bs) if self.plan.first else self._from_prev(x)
         for i in self.plan.blocks:
             block = self.blocks[i] if variant is None else self.variants[variant].block(i)
             acts = self._run_block(block, acts)
         if not self.plan.last:
-            return self._to_cpu(acts)
+            return self._to_next(acts)
         return self._nll(acts, ids.to(self.device))
 
     def _nll(self, acts: Acts, ids: torch.Tensor) -> Tuple[float, int]:
@@ -277,12 +292,12 @@ class BlockWorker:
         (tokens on the first worker, activations elsewhere) and hand the outputs to the next worker.
         Blocks in `skip` (restored from checkpoints) need no inputs. Micro-batches are merged first, as for
         calibration (`merge_batches`)."""
-        acts = merge_batches(self.embed_tokens(x, bs) if self.plan.first else self._to_dev(x), merge_tokens)
+        acts = merge_batches(self.embed_tokens(x, bs) if self.plan.first else self._from_prev(x), merge_tokens)
         for i in self.plan.blocks:
             if i not in skip:
                 self._store(i, self._to_cpu(acts, pin=False))
             acts = self._run_block(self.blocks[i], acts)
-        return None if self.plan.last else self._to_cpu(acts)
+        return None if self.plan.last else self._to_next(acts)
 
     def calibrate_stored(self, index: int, job: CalibJob) -> Dict[str, Any]:
         """Parallel schedule, pass 2: transform block `index` on the fp inputs captured for it (the last sweep

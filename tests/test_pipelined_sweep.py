@@ -18,12 +18,12 @@ def weights(out, kind):
     return sd
 
 
-def points(tiny_dir, texts, root, schedule):
+def points(tiny_dir, texts, root, schedule, transport="object_store"):
     cfgs = [make_cfg(tiny_dir, texts, root / "rtn", method="RTN", actors=2, group_size=32),
             make_cfg(tiny_dir, texts, root / "awq", method="Awq", actors=2, bit=3),
             make_cfg(tiny_dir, texts, root / "gptq", method="GPTQ", actors=2, bit=4)]
     for c in cfgs:
-        c.dist.schedule = schedule
+        c.dist.schedule, c.dist.transport = schedule, transport
     return cfgs
 
 
@@ -37,7 +37,9 @@ def assert_same_run(a, b, dir_a, dir_b):
 
 @pytest.mark.parametrize("schedule", ["sequential", "parallel"])
 def test_pipelined_sweep_equals_separate_runs(schedule, tiny_dir, texts, tmp_path, ray_session):
-    swept = run_many(points(tiny_dir, texts, tmp_path / "sweep", schedule))
+    # the sweep's eval batches (and parallel captures) go actor to actor by direct sends; the separate runs'
+    # through the object store
+    swept = run_many(points(tiny_dir, texts, tmp_path / "sweep", schedule, transport="collective"))
     for cfg, got in zip(points(tiny_dir, texts, tmp_path / "alone", schedule), swept):
         assert not isinstance(got, BaseException), got
         ref = run(cfg)

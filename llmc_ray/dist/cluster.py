@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import ray
 
@@ -57,6 +58,24 @@ def plan_workers(ckpt: Checkpoint, spec, n_layers: int, dist: DistConfig, model_
             for r, rg in enumerate(ranges)]
 
 
+class BlockActor(BlockWorker):
+    """BlockWorker plus what only Ray knows: where this actor runs (to set the chain's process group up)."""
+
+    def node_address(self) -> Tuple[str, int]:
+        """This node's address as Ray sees it, and a port free on it."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def resolve_transport(dist: DistConfig) -> str:
+    """auto: direct sends between GPU actors (NCCL), the object store otherwise (CPU actors gain nothing from
+    gloo's loopback TCP over Ray's shared memory)."""
+    if dist.transport != "auto":
+        return dist.transport
+    return "collective" if dist.device == "cuda" and dist.actors > 1 else "object_store"
+
+
 class ActorGroup:
     """The chain of block actors, first to last."""
 
@@ -67,10 +86,11 @@ class ActorGroup:
                 raise ConfigError(f"dist.actors={len(plans)} with dist.device=cuda needs {len(plans)} GPUs; "
                                   f"the Ray cluster has {gpus:g}")
         remote = ray.remote(num_cpus=dist.cpus_per_actor, num_gpus=1 if dist.device == "cuda" else 0,
-                            max_restarts=0)(BlockWorker)
+                            max_restarts=0)(BlockActor)
         self.plans = plans
         self.actors = [remote.options(name=None).remote(p) for p in plans]
         self.owner = {i: a for a, p in zip(self.actors, plans) for i in p.blocks}
+        self.transport = resolve_transport(dist)
 
     @property
     def first(self):
@@ -81,7 +101,12 @@ class ActorGroup:
         return self.actors[-1]
 
     def load(self) -> List[Dict[str, Any]]:
-        return ray.get([a.load.remote() for a in self.actors])
+        """Every actor loads its blocks; then, with the collective transport, the chain's process group forms."""
+        loaded = ray.get([a.load.remote() for a in self.actors])
+        if self.transport == "collective" and len(self.actors) > 1:
+            address, port = ray.get(self.first.node_address.remote())
+            self.call_all("connect", address, port, len(self.actors))
+        return loaded
 
     def call_all(self, method: str, *args) -> List[Any]:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])

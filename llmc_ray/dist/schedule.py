@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import ray
 import torch
@@ -30,36 +30,36 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
-def gather(refs: List[Any], desc: str, progress: bool,
-           on_result: Callable[[Any, Any], None] = lambda bar, r: None) -> List[Any]:
-    """Results of `refs`, in the order of `refs` (so float sums over them are reproducible), with one progress
-    tick as each completes (the driver only gets small results)."""
-    position = {ref: i for i, ref in enumerate(refs)}
-    out: List[Any] = [None] * len(refs)
-    with _progress(len(refs), desc, progress) as bar:
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            out[position[done[0]]] = ray.get(done[0])
-            on_result(bar, out[position[done[0]]])
-            bar.update(1)
-    return out
-
-
 def perplexities(group: ActorGroup, windows: torch.Tensor, bs: int, variants: Sequence[Optional[int]], desc: str,
                  progress: bool = True) -> List[float]:
-    """PPL of each variant (None: the loaded fp blocks). Every batch of every variant is submitted up front:
-    Ray runs each actor's calls in order, so actor k works on batch b while actor k+1 works on batch b-1 (a
-    pipeline with no extra scheduling code), and the sweep points follow each other through the same chain."""
-    refs = []
-    for v in variants:
-        for start in range(0, windows.shape[0], bs):
-            ids = ray.put(windows[start:start + bs])
-            x: Any = ids
-            for actor in group.actors:
-                x = actor.stage.remote(x, ids, bs, v)
-            refs.append(x)
-    sums = gather(refs, desc, progress)
+    """PPL of each variant (None: the loaded fp blocks). Batches are submitted ahead of the results: Ray runs
+    each actor's calls in order, so actor k works on batch b while actor k+1 works on batch b-1 (a pipeline
+    with no extra scheduling code), and the sweep points follow each other through the same chain.
+    At most `ahead` batches are in flight: each holds one hand-off per actor boundary (in host memory, or on
+    the sender's GPU until received with the collective transport)."""
+    batches = [(v, start) for v in variants for start in range(0, windows.shape[0], bs)]
+    ahead = 2 * len(group.actors) + 2
+
+    def submit(k: int) -> Any:
+        v, start = batches[k]
+        ids = ray.put(windows[start:start + bs])
+        x: Any = ids
+        for actor in group.actors:
+            x = actor.stage.remote(x, ids, bs, v)
+        return x
+
+    sums: List[Any] = [None] * len(batches)
+    where: Dict[Any, int] = {}
+    with _progress(len(batches), desc, progress) as bar:
+        for k in range(len(batches)):
+            if len(where) >= ahead:
+                done, _ = ray.wait(list(where), num_returns=1)
+                sums[where.pop(done[0])] = ray.get(done[0])
+                bar.update(1)
+            where[submit(k)] = k
+        for ref, k in where.items():
+            sums[k] = ray.get(ref)
+            bar.update(1)
     per = len(sums) // len(variants)
     return [math.exp(sum(nll for nll, _ in part) / sum(n for _, n in part))
             for part in (sums[k * per:(k + 1) * per] for k in range(len(variants)))]
