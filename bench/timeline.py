@@ -44,6 +44,15 @@ def main() -> None:
     print(f"{'start s':>8} {'dur s':>7}  task")
     for e in sorted(tasks, key=lambda e: e["ts"]):
         print(f"{(e['ts'] - t0) / 1e6:8.3f} {e['dur'] / 1e6:7.3f}  {e.get('cat', '')}:{e['name']}")
+    # per call kind and per sub-phase (argument fetch, execute, storing outputs): count, median, total
+    by: dict = {}
+    for e in events:
+        if e.get("ph") == "X":
+            by.setdefault(e["name"], []).append(e.get("dur", 0) / 1e6)
+    print(f"\n{'calls':>6} {'median s':>9} {'total s':>8}  name")
+    for name, d in sorted(by.items(), key=lambda kv: -sum(kv[1])):
+        if sum(d) >= 0.05:
+            print(f"{len(d):6d} {sorted(d)[len(d) // 2]:9.4f} {sum(d):8.3f}  {name}")
 
 
 if __name__ == "__main__":
