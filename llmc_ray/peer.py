@@ -17,9 +17,9 @@ from typing import List, Tuple
 import torch
 import torch.distributed as tdist
 
-# how long a send may wait for its receive: the next worker may be busy with its own blocks for a long time
-# (a sweep point's whole stage); a dead worker is reported by Ray long before this
-TIMEOUT = timedelta(hours=6)
+# how long joining the group, or a send waiting for its receive, may take before torch gives up: a receive is
+# posted as soon as the next worker finishes its previous batch (seconds), so this only ends real hangs
+TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)

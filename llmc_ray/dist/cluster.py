@@ -105,7 +105,12 @@ class ActorGroup:
         loaded = ray.get([a.load.remote() for a in self.actors])
         if self.transport == "collective" and len(self.actors) > 1:
             address, port = ray.get(self.first.node_address.remote())
-            self.call_all("connect", address, port, len(self.actors))
+            try:
+                self.call_all("connect", address, port, len(self.actors))
+            except ray.exceptions.RayTaskError as e:
+                raise RuntimeError(f"the actors could not form a torch.distributed group for direct sends "
+                                   f"({e.as_instanceof_cause()}); set dist.transport=object_store to pass "
+                                   f"activations through Ray's object store instead") from None
         return loaded
 
     def call_all(self, method: str, *args) -> List[Any]:
