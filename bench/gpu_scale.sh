@@ -6,6 +6,8 @@
 #           activations by direct NCCL sends (the default) and, for the 7B shape, through Ray's object store
 #   calib   parallel calibration (and llmc's sequential schedule on 1 GPU): AWQ and GPTQ on 8 Qwen2-7B-shape
 #           blocks, AWQ on 4 Llama-2-70B-shape blocks
+#   moe     GPTQ on 4 DeepSeek-V2-Lite-shape blocks (1 dense + 3 MoE), sequential: 1 GPU, and every other
+#           actor count with each MoE block's experts spread over all actors (dist.spread_experts)
 #   sweep   a 4-point GPTQ sweep (w4/w3 x g128/g64) on 8 Qwen2-7B-shape blocks: separate runs on 1 GPU, the
 #           pipelined sweep on each actor count, sequential and parallel schedules
 set -uo pipefail
@@ -36,6 +38,12 @@ for line in open(os.environ["OUT"] + "/calib/scale.jsonl"):
     print(f"| {r['case']} | {r['wall_s']} | {r['calibrate_s']} | {r['block_median_s']} | "
           f"{r['gpu_peak_gib_per_actor']} | {r['actor_host_peak_gib']} | {r['driver_host_peak_gib']} |")
 PY
+fi
+if [ "$phase" = moe ]; then
+  for n in $ACTORS; do
+    if [ "$n" = 1 ]; then sb $OUT/moe deepseek-v2-lite:4:GPTQ:sequential:1:16:64
+    else sb $OUT/moe --spread-experts deepseek-v2-lite:4:GPTQ:sequential:$n:16:64; fi
+  done
 fi
 if [ "$phase" = sweep ]; then
   P=(GPTQ 4:128 3:128 4:64 3:64)

@@ -6,6 +6,7 @@
            method RTN runs eval only (N windows of 2048 tokens, default 32, 4 per batch) and measures the eval
            pipeline: the pretrain pass, then the same windows again on the RTN blocks (warm: no first-call costs).
     --transport: dist.transport for every case (auto, collective, object_store; default auto).
+    --spread-experts: dist.spread_experts=true for every case (MoE blocks' experts calibrated on every actor).
 
 Each case is one `llmc_ray.run.run` in this process (Ray started once); prints one table row per case and
 appends the full results to OUT_DIR/scale.jsonl.
@@ -27,7 +28,7 @@ QUANT = {"Awq": {"trans": True, "trans_version": "v2", "weight_clip": True, "cli
          "RTN": {}}
 
 
-def case_config(case: str, out: Path, eval_windows: int = 32, transport: str = "auto"):
+def case_config(case: str, out: Path, eval_windows: int = 32, transport: str = "auto", spread: bool = False):
     arch, layers, method, schedule, actors, *rest = case.split(":")
     calib_bs = int(rest[0]) if rest else 16
     group = int(rest[1]) if len(rest) > 1 else 128
@@ -41,13 +42,15 @@ def case_config(case: str, out: Path, eval_windows: int = 32, transport: str = "
                   "quant_out": not eval_only},
         "save": {"save_path": str(out / case.replace(":", "_"))},
         "dist": {"actors": int(actors), "device": "cuda", "cpus_per_actor": 4, "schedule": schedule,
-                 "transport": transport},
+                 "transport": transport, "spread_experts": spread},
         "run": {"progress": False},
     })
 
 
 def main() -> None:
     args = sys.argv[2:]
+    spread = "--spread-experts" in args
+    args = [a for a in args if a != "--spread-experts"]
     opts = {"--eval-windows": "32", "--transport": "auto"}
     for flag in opts:
         if flag in args:
@@ -59,7 +62,7 @@ def main() -> None:
     rows = []
     for case in args:
         t0 = time.perf_counter()
-        res = run(case_config(case, out, int(opts["--eval-windows"]), opts["--transport"]))
+        res = run(case_config(case, out, int(opts["--eval-windows"]), opts["--transport"], spread))
         wall = time.perf_counter() - t0
         t = res["timings_s"]
         blocks = res["blocks"]

@@ -133,10 +133,17 @@ class DistConfig:
     # sends, NCCL between GPUs: device to device), object_store (host copies through Ray), auto (collective
     # between GPU actors, object_store on CPU)
     transport: str = "auto"
+    # MoE blocks, sequential schedule: each block's routed experts are calibrated on every actor (balanced by
+    # their routed tokens), not only on the block's owner: the other actors would wait otherwise, and the
+    # owner holds no expert's calibration state (GPTQ: one Hessian per expert). Same results as without.
+    spread_experts: bool = False
 
     def __post_init__(self) -> None:
         _require(self.actors >= 1, f"dist.actors={self.actors}: need at least one actor")
         _require(self.transport in TRANSPORTS, f"dist.transport={self.transport!r}: use one of {TRANSPORTS}")
+        _require(not self.spread_experts or self.schedule == "sequential",
+                 "dist.spread_experts=true applies to the sequential schedule (under the parallel one every actor "
+                 "already calibrates its own blocks at once): set dist.schedule=sequential or spread_experts=false")
         _require(self.schedule in SCHEDULES, f"dist.schedule={self.schedule!r}: use one of {SCHEDULES}")
         _require(self.device in ("cpu", "cuda"), f"dist.device={self.device!r}: use cpu or cuda")
 

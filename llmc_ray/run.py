@@ -278,7 +278,8 @@ def _calibrate(group, pts: List[Point], schedule_name: str, progress: bool) -> N
     bs = pts[0].cfg.calib.bs
     if schedule_name == "sequential":
         reports = schedule.calibrate_sequential(group, [pt.calib_ids for pt in pts], bs, jobs, n_layers, progress,
-                                                done=[leading(f) for f in finished])
+                                                done=[leading(f) for f in finished],
+                                                spread_experts=pts[0].cfg.dist.spread_experts)
     else:
         reports = schedule.calibrate_parallel(group, pts[0].calib_ids, bs, jobs, n_layers, progress, done=finished)
     for pt, rep in zip(pts, reports):

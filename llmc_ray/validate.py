@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List
 
-from .algorithms.base import Method, resolve
+from .algorithms.base import ALGORITHMS, Method, resolve
 from .checkpoint import Checkpoint, resolve_model_dir
 from .config import ConfigError, RunConfig
 from .models import ModelSpec, get_spec, linears, names_has, resolve_subsets
@@ -92,6 +92,11 @@ def make_plan(cfg: RunConfig) -> Plan:
         raise ConfigError(f"{model_dir}/config.json has no model_type: set model.type")
     spec = get_spec(model_type)
     method, special = resolve(cfg.quant.method, cfg.quant.special)
+    if cfg.dist.spread_experts and method.needs_calib and not method.experts_apart:
+        raise ConfigError(f"dist.spread_experts=true: {method.name} cannot calibrate a block's routed experts apart "
+                          f"from it (methods that can: "
+                          f"{sorted(m.name for m in ALGORITHMS.values() if m.experts_apart)}); set "
+                          f"dist.spread_experts=false")
     if not ckpt.synthetic:  # synthetic models calibrate and evaluate on random tokens
         check_data_paths(cfg, method.needs_calib)
     check_target(cfg, special)

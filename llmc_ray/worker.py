@@ -23,7 +23,7 @@ from torch import nn
 
 from .algorithms.base import BlockContext, resolve, token_count
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
-from .models import block_subsets, expert_names, get_spec, linears, module_has
+from .models import block_subsets, expert_local, expert_names, get_spec, linears, module_has
 from .models.spec import Subset
 from .peer import PeerLink, SentToPeer
 from .quant.quantizer import QuantSpec, compute_qparams, fake_quant
@@ -129,6 +129,7 @@ class BlockWorker:
         self._writing: Optional[Future] = None
         self._write_errors: List[str] = []
         self.link: Optional[PeerLink] = None  # direct sends to the next worker (dist.transport=collective)
+        self.spreading: Dict[int, Tuple[int, Any, Acts, float]] = {}  # variant -> block whose experts are out
         self.set_variants(1)
 
     def set_variants(self, n: int) -> None:
@@ -336,6 +337,12 @@ class BlockWorker:
     def _calibrate(self, index: int, dev_acts: Optional[Acts], job: CalibJob, propagate: bool):
         """Transform block `index` on its inputs (on the device); the next block's inputs (on the device)
         when `propagate`, and the report."""
+        result, dev_acts, t0 = self._solve(index, dev_acts, job)
+        return self._finish(index, job, result, dev_acts, propagate, t0)
+
+    def _solve(self, index: int, dev_acts: Optional[Acts], job: CalibJob,
+               experts_apart: bool = False) -> Tuple[Any, Acts, float]:
+        """The method's pass over block `index`: (its BlockResult, the merged inputs, start time)."""
         if os.environ.get("LLMC_RAY_CRASH_AT_BLOCK") == str(index):
             os._exit(1)  # fault injection for the resume tests: dies like an OOM-killed actor
         t0 = time.perf_counter()
@@ -344,29 +351,106 @@ class BlockWorker:
         var.spec = job.spec
         block = var.block(index)
         dev_acts = merge_batches(dev_acts or [], job.merge_tokens)
-        try:
+        with self._block_errors(index, job, dev_acts):
             ctx = BlockContext(block=block, inputs=dev_acts,
                                block_kwargs=self.block_kwargs(dev_acts[0]) if dev_acts else {},
                                subsets=self.subsets[index], spec=job.spec, special=special, index=index,
-                               experts=self.experts[index])
+                               experts=self.experts[index], experts_apart=experts_apart)
             with torch.no_grad() if not method.needs_grad else torch.enable_grad():
                 result = method.fn(ctx)
+        return result, dev_acts, t0
+
+    def _finish(self, index: int, job: CalibJob, result: Any, dev_acts: Acts, propagate: bool, t0: float):
+        """After the method: qparams for every linear, weight errors, the next block's inputs, the report and
+        the block checkpoint."""
+        var = self.variants[job.variant]
+        block = var.block(index)
+        with self._block_errors(index, job, dev_acts):
             var.qparams[index] = self._fill_qparams(index, block, result.qparams, var.spec)
             errors = self._weight_errors(var, index)
             out = self._propagate(var, index, dev_acts, job.quant_out) if propagate else None
-        except Exception as e:  # add where it happened, keep the original type and traceback
-            hint = ""
-            if isinstance(e, torch.OutOfMemoryError):
-                tokens = max((token_count([a]) for a in dev_acts), default=0)
-                hint = (f" (forwards of {tokens} tokens: lower calib.merge_tokens, now {job.merge_tokens}, "
-                        f"or calib.bs, or spread the blocks over more actors)")
-            raise type(e)(f"block {index} ({job.method}): {e}{hint}") from e
         var.mode = "transformed"
         report = {"block": index, "rank": self.plan.rank, "seconds": time.perf_counter() - t0,
                   "weight_rel_err": errors, "info": _small(result.info)}
         if job.checkpoint_dir:
             self._save_block(var, index, report, Path(job.checkpoint_dir))
         return out, report
+
+    @contextlib.contextmanager
+    def _block_errors(self, index: int, job: CalibJob, dev_acts: Acts):
+        """Say where an error happened (keeping its type and traceback), with a hint for running out of memory."""
+        try:
+            yield
+        except Exception as e:
+            hint = ""
+            if isinstance(e, torch.OutOfMemoryError):
+                tokens = max((token_count([a]) for a in dev_acts), default=0)
+                hint = (f" (forwards of {tokens} tokens: lower calib.merge_tokens, now {job.merge_tokens}, "
+                        f"or calib.bs, or spread the blocks over more actors)")
+            raise type(e)(f"block {index} ({job.method}): {e}{hint}") from e
+
+    # -- a MoE block's experts over several actors (dist.spread_experts) --------------------------------
+    def spread_block(self, index: int, acts: Any, job: CalibJob, shares: int) -> Tuple[Dict[str, Any], ...]:
+        """Sequential schedule: calibrate block `index` except its routed experts (when the method can leave
+        them apart), and return `shares` payloads, one per actor, each a set of experts balanced by routed
+        tokens: the expert module, its routed inputs and its subsets, as host copies. solve_experts runs a
+        payload; finish_spread puts the results back. A dense block (or another method) gives empty payloads."""
+        dev = self._take(acts, index)
+        method, _ = resolve(job.method, job.special)
+        apart = method.experts_apart and bool(self.experts[index])
+        result, dev, t0 = self._solve(index, dev, job, experts_apart=apart)
+        payloads: List[Dict[str, Any]] = [{} for _ in range(shares)]
+        load = [0] * shares
+        block = self.variants[job.variant].block(index)
+        for e, xs in sorted(result.routed_inputs.items(), key=lambda kv: -token_count(kv[1])):
+            if not xs:
+                continue  # a starved expert keeps its weights and gets RTN qparams, as in its block
+            k = load.index(min(load))
+            load[k] += token_count(xs)
+            payloads[k][e] = (copy.deepcopy(block.get_submodule(e)).to("cpu"), self._to_cpu(xs, pin=False),
+                              expert_local(self.subsets[index], e))
+        result.routed_inputs = {}
+        self.spreading[job.variant] = (index, result, dev, t0)
+        return tuple({"index": index, "experts": p} for p in payloads)
+
+    def solve_experts(self, payload: Dict[str, Any], job: CalibJob) -> Dict[str, Any]:
+        """Calibrate each expert of a payload as a block of its own, on its routed inputs: per expert, its new
+        weights, its qparams and its report info (host copies)."""
+        method, special = resolve(job.method, job.special)
+        out = {}
+        for e, (module, xs, subsets) in payload["experts"].items():
+            module = module.to(self.device)
+            ctx = BlockContext(block=module, inputs=self._to_dev(xs), block_kwargs={}, subsets=subsets,
+                               spec=job.spec, special=special, index=payload["index"])
+            with self._block_errors(payload["index"], job, ctx.inputs), torch.no_grad():
+                result = method.fn(ctx)
+            qparams = {n: None if qp is None else tuple(t.detach().cpu() for t in qp)
+                       for n, qp in result.qparams.items()}
+            out[e] = ({k: v.detach().cpu() for k, v in module.state_dict().items()}, qparams, result.info)
+        return {"rank": self.plan.rank, "experts": out}
+
+    def finish_spread(self, index: int, job: CalibJob, hand_on: str, *shares: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """The experts' results back into block `index`, then what calibrate_block does after the method."""
+        _check_hand_on(hand_on)
+        held, result, dev, t0 = self.spreading.pop(job.variant)
+        if held != index:
+            raise RuntimeError(f"block {index}: the block spread on this actor was {held}")
+        block = self.variants[job.variant].block(index)
+        spread = {}
+        for share in shares:
+            if share["experts"]:
+                spread[share["rank"]] = len(share["experts"])
+            for e, (state, qparams, info) in share["experts"].items():
+                block.get_submodule(e).load_state_dict(state)
+                result.qparams.update({f"{e}.{n}": None if qp is None else tuple(t.to(self.device) for t in qp)
+                                       for n, qp in qparams.items()})
+                for key, value in info.items():  # per-layer entries (losses, ...) join the block's, full names
+                    if isinstance(value, dict):
+                        result.info.setdefault(key, {}).update({f"{e}.{n}": v for n, v in value.items()})
+        if spread:
+            result.info["experts_spread"] = spread  # actor rank -> routed experts it calibrated
+        out, report = self._finish(index, job, result, dev, bool(dev) and hand_on != "none", t0)
+        return (self._hand_on(out, index, job, hand_on) if out is not None else None), report
 
     def _save_block(self, var: Variant, index: int, report: Dict[str, Any], ckpt_dir: Path) -> None:
         """Transformed weights + qparams of one block, written aside then renamed (never half-written)."""

@@ -464,12 +464,13 @@ def test_synthetic_deepseek_loads_per_expert_tensors(tmp_path, monkeypatch):
     assert not torch.equal(t["gate_proj.weight"], other)  # seeded by name
 
 
-def plan_for(path, group_size, tmp_path):
+def plan_for(path, group_size, tmp_path, method="RTN", spread=False):
     from llmc_ray.validate import make_plan
 
-    return make_plan(build({"model": {"path": path}, "quant": {"method": "RTN",
+    return make_plan(build({"model": {"path": path}, "quant": {"method": method,
                                                                  "weight": {"bit": 4, "group_size": group_size}},
-                            "eval": {"eval_pos": []}, "save": {"save_path": str(tmp_path / "out")}}))
+                            "eval": {"eval_pos": []}, "save": {"save_path": str(tmp_path / "out")},
+                            "dist": {"spread_experts": spread}}))
 
 
 def test_validation_covers_experts(tmp_path, monkeypatch, moe_dirs):
@@ -512,6 +513,8 @@ def test_end_to_end(kind, method, moe_dirs, texts, tmp_path, ray_session):
     res, weights = [], []
     for n, eval_pos in ((1, ("pretrain", "transformed", "fake_quant")), (2, ("fake_quant",))):
         cfg = make_cfg(src, texts, tmp_path / f"a{n}", method=method, actors=n, eval_pos=eval_pos, group_size=32)
+        # GPTQ on 2 actors: each MoE block's experts are calibrated on both (the same weights as in-block)
+        cfg.dist.spread_experts = method == "GPTQ" and n == 2
         res.append(run(cfg))
         sd = {}
         for f in sorted((tmp_path / f"a{n}" / "fake_quant_model").glob("*.safetensors")):
@@ -532,5 +535,62 @@ def test_end_to_end(kind, method, moe_dirs, texts, tmp_path, ray_session):
         for r in moe_blocks:  # every calibration token reaches top_k = 2 experts
             assert sum(r["info"]["expert_tokens"].values()) == 8 * 64 * 2
         assert sorted({r["rank"] for r in res[1]["blocks"]}) == [0, 1]
+        if method == "GPTQ":
+            for r in (r for r in res[1]["blocks"] if "expert_tokens" in r["info"]):
+                spread = {int(k): n for k, n in r["info"]["experts_spread"].items()}  # balanced by routed tokens
+                assert set(spread) == {0, 1} and sum(spread.values()) == 8
+                assert r["info"]["loss"] == next(b for b in res[0]["blocks"] if b["block"] == r["block"])["info"]["loss"]
         md = (tmp_path / "a1" / "report.md").read_text()  # experts summarised per kind, coverage listed
         assert "## Expert coverage" in md and "mlp.experts.*.down_proj" in md and "experts.0.down_proj" not in md
+
+
+# ------------------------------------------------------------------ experts spread over actors
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_experts_calibrated_apart_equal_in_block(kind, true_sequential, moe_dirs, starved_qwen_dir):
+    """GPTQ on a MoE block with its experts shipped out (spread_block -> solve_experts on two other workers ->
+    finish_spread) against the same block calibrated whole: identical weights, qparams and losses; starved
+    experts (none shipped) keep RTN in both."""
+    from llmc_ray.worker import CalibJob
+
+    path, model_type = (starved_qwen_dir[0], "qwen2_moe") if kind == "qwen2_moe" else (moe_dirs[kind], kind)
+    moe = FIRST_MOE[kind]
+    blocks = tuple(range(moe + 1))
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(3))
+    job = CalibJob("GPTQ", {"true_sequential": true_sequential}, G32_4, quant_out=True)
+
+    def worker(rank, blocks):
+        w = BlockWorker(WorkerPlan(rank, blocks, rank == 0, False, str(path), model_type, "float32", "cpu"))
+        w.load()
+        return w
+
+    def inputs_of_moe_block(w):
+        acts = w.calib_inputs(ids, 2)
+        for i in blocks[:-1]:
+            acts, _ = w.calibrate_block(i, acts, job)
+        return acts
+
+    whole, apart = worker(0, blocks), worker(0, blocks)
+    _, ref = whole.calibrate_block(moe, inputs_of_moe_block(whole), job, hand_on="none")
+    helpers = [worker(1, (moe,)), worker(2, (moe,))]
+    payloads = apart.spread_block(moe, inputs_of_moe_block(apart), job, 2)
+    assert sum(len(p["experts"]) for p in payloads) == 8 - (len(STARVED) if kind == "qwen2_moe" else 0)
+    assert all(p["experts"] for p in payloads)  # both workers got experts
+    _, got = apart.finish_spread(moe, job, "none", *[h.solve_experts(p, job) for h, p in zip(helpers, payloads)])
+    assert got["info"]["experts_spread"] == {1: len(payloads[0]["experts"]), 2: len(payloads[1]["experts"])}
+    assert got["info"]["loss"] == ref["info"]["loss"]
+    assert got["info"]["expert_tokens"] == ref["info"]["expert_tokens"]
+    assert got["info"]["experts_without_tokens"] == ref["info"]["experts_without_tokens"]
+    a, b = whole.blocks[moe].state_dict(), apart.blocks[moe].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    qa, qb = whole.variants[0].qparams[moe], apart.variants[0].qparams[moe]
+    assert qa.keys() == qb.keys() and all(torch.equal(x, y) for k in qa for x, y in zip(qa[k], qb[k]))
+
+
+def test_spread_experts_needs_a_method_that_can_and_the_sequential_schedule(moe_dirs, tmp_path):
+    with pytest.raises(ConfigError, match="Awq cannot calibrate a block's routed experts apart"):
+        plan_for(str(moe_dirs["qwen2_moe"]), 32, tmp_path, method="Awq", spread=True)
+    with pytest.raises(ConfigError, match="spread_experts=true applies to the sequential schedule"):
+        build({"model": {"path": "x"}, "dist": {"spread_experts": True, "schedule": "parallel"}})

@@ -30,6 +30,9 @@ class BlockContext:
     special: Any  # the method's frozen settings dataclass
     index: int = 0  # block index, for error messages and reports
     experts: Tuple[str, ...] = ()  # the block's routed experts (module names), for the coverage report
+    # the routed experts are calibrated elsewhere (Method.experts_apart): leave their layers alone and hand
+    # back what each expert's module receives (BlockResult.routed_inputs)
+    experts_apart: bool = False
 
     def module(self, name: str) -> nn.Module:
         return self.block.get_submodule(name)
@@ -57,6 +60,9 @@ class BlockContext:
 class BlockResult:
     qparams: Dict[str, Optional[QParams]] = field(default_factory=dict)
     info: Dict[str, Any] = field(default_factory=dict)  # small per-block numbers for the report
+    # with BlockContext.experts_apart: each routed expert's inputs, one tensor per forward that routed it
+    # tokens, as the block would have fed them to it at the point the method calibrates experts
+    routed_inputs: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -103,14 +109,19 @@ class Method:
     special: Type
     needs_calib: bool
     needs_grad: bool = False  # learnable methods (OmniQuant-style) run with autograd on
+    # each routed expert's calibration depends only on the tokens routed to it, so it can run apart from its
+    # block, on another actor (dist.spread_experts): the method honours BlockContext.experts_apart, and run on
+    # an expert module alone (its subsets from models.expert_local) it gives what it gives inside the block
+    experts_apart: bool = False
 
 
 ALGORITHMS: Dict[str, Method] = {}
 
 
-def register(name: str, special: Type, needs_calib: bool = True, needs_grad: bool = False):
+def register(name: str, special: Type, needs_calib: bool = True, needs_grad: bool = False,
+             experts_apart: bool = False):
     def deco(fn):
-        ALGORITHMS[name.lower()] = Method(name, fn, special, needs_calib, needs_grad)
+        ALGORITHMS[name.lower()] = Method(name, fn, special, needs_calib, needs_grad, experts_apart)
         return fn
     return deco
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.spec import Subset
+from ..models.subsets import without_experts
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
 from . import gptq_kernel
-from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register
+from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register, token_count
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,21 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int
 # ---------------------------------------------------------------- the block method
 
 
-def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset]) -> Dict[str, HessianStats]:
+def collect_hessians(ctx: BlockContext, subsets: Sequence[Subset],
+                     routed: Optional[Dict[str, List[torch.Tensor]]] = None) -> Dict[str, HessianStats]:
     """One forward of the current block over all inputs, accumulating H at each input group's first layer
-    (layers of a group share their input)."""
+    (layers of a group share their input). `routed`: also keep what each of these expert modules receives."""
     names = [g[0] for s in subsets for g in s.groups()]
     stats = {n: HessianStats(ctx.module(n).weight.shape[1], ctx.module(n).weight.device) for n in names}
-    with forward_pre_hooks({n: ctx.module(n) for n in names}, lambda n, x: stats[n].add_batch(x)):
+    routed = routed if routed is not None else {}
+
+    def seen(n: str, x: torch.Tensor) -> None:
+        if n in stats:
+            stats[n].add_batch(x)
+        else:
+            routed[n].append(x.detach())
+
+    with forward_pre_hooks({n: ctx.module(n) for n in [*names, *routed]}, seen):
         with torch.no_grad():
             for x in ctx.inputs:
                 ctx.forward(x)
@@ -367,18 +377,30 @@ def act_order_groups(spec: QuantSpec, sp: GptqSpecial) -> bool:
     return spec.granularity == "per_group" and sp.actorder and not sp.static_groups
 
 
-@register("GPTQ", GptqSpecial)
+@register("GPTQ", GptqSpecial, experts_apart=True)
 @torch.no_grad()
 def gptq(ctx: BlockContext) -> BlockResult:
+    """Experts apart: a routed expert's layers are solved on its tokens only, after the stages before its
+    first layer's stage (true_sequential) or on the fp block; its inputs are kept at that same forward, so an
+    expert solved alone on them gives what it would have given here."""
     sp: GptqSpecial = ctx.special
     qparams: Dict[str, Optional[QParams]] = {}
     pending: Dict[str, torch.Tensor] = {}  # per linear: (loss, failed) on the device
     tokens: Dict[str, int] = {}
+    apart = ctx.experts if ctx.experts_apart else ()
+    routed: Dict[str, List[torch.Tensor]] = {}
     # true_sequential: each stage's inputs are captured with the earlier stages already quantized
     for stage in stages(ctx.subsets) if sp.true_sequential else [list(ctx.subsets)]:
-        stats = collect_hessians(ctx, stage)
-        for subset in stage:
+        keep = list(without_experts(tuple(stage), apart)) if apart else stage
+        wants = {e: [] for e in apart if not routed and any(n.startswith(e + ".") for s in stage for n in s.layers)}
+        if not keep and not wants:
+            continue
+        stats = collect_hessians(ctx, keep, wants)
+        routed.update(wants)
+        for subset in keep:
             quantize_subset(ctx, subset, stats, sp, qparams, pending, tokens)
+    for e, xs in routed.items():  # for the coverage report: each expert's layers saw its routed tokens
+        tokens.update({n: token_count(xs) for s in ctx.subsets for n in s.layers if n.startswith(e + ".")})
     values = torch.stack(list(pending.values())).tolist() if pending else []
     failed = [n for n, (_, bad) in zip(pending, values) if bad]
     if failed:
@@ -390,4 +412,4 @@ def gptq(ctx: BlockContext) -> BlockResult:
                         "(Q) is returned without qparams; RTN qparams recomputed from Q in consecutive groups "
                         "may not reproduce Q exactly")
     info.update(expert_coverage(ctx.experts, tokens))
-    return BlockResult(qparams=qparams, info=info)
+    return BlockResult(qparams=qparams, info=info, routed_inputs=routed)

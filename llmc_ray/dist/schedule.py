@@ -129,23 +129,36 @@ def _collect(group: ActorGroup, jobs: Sequence[Any], report_refs: List[List[Any]
 
 
 def calibrate_sequential(group: ActorGroup, calib: Sequence[torch.Tensor], bs: int, jobs: Sequence[Any],
-                         n_blocks: int, progress: bool = True, done: Sequence[int] = ()) -> List[Any]:
+                         n_blocks: int, progress: bool = True, done: Sequence[int] = (),
+                         spread_experts: bool = False) -> List[Any]:
     """llmc's order: block i calibrates on block i-1's (transformed or fake-quant) outputs. The activations
     ref hops from block to block and actor to actor; the driver only gets each block's report.
     Several jobs (sweep points, each with its calibration tokens) are submitted one after the other: while
     actor k+1 works on job j, actor k already works on job j+1 — a pipeline over the sweep.
-    Blocks below done[j] were finished by an earlier run: they are restored from their checkpoints."""
+    Blocks below done[j] were finished by an earlier run: they are restored from their checkpoints.
+    spread_experts: each block's owner hands its routed experts (when the method can leave them apart) to
+    every actor, itself included, and finishes the block with their results; the calls are submitted in an
+    order where each depends only on earlier ones, and each actor runs its calls in order, so this cannot
+    deadlock, also with other sweep points queued in between."""
     report_refs = []
     for j, job in enumerate(jobs):
         # block 0 always lives on the first actor: the embedded tokens stay on its device
         acts = group.first.calib_inputs.remote(ray.put(calib[j]), bs, job.variant)
         refs = []
         for i in range(n_blocks):
-            step = group.owner[i].restore_block if i < (done[j] if done else 0) else group.owner[i].calibrate_block
+            owner = group.owner[i]
             # the next block on the same actor takes the outputs straight from the device; the last block's
             # outputs feed nothing (not even computed)
-            hand_on = "none" if i + 1 == n_blocks else "device" if group.owner[i + 1] is group.owner[i] else "host"
-            acts, rep = step.options(num_returns=2).remote(i, acts, job, hand_on)
+            hand_on = "none" if i + 1 == n_blocks else "device" if group.owner[i + 1] is owner else "host"
+            if i < (done[j] if done else 0):
+                acts, rep = owner.restore_block.options(num_returns=2).remote(i, acts, job, hand_on)
+            elif spread_experts and len(group.actors) > 1:
+                payloads = owner.spread_block.options(num_returns=len(group.actors)).remote(i, acts, job,
+                                                                                           len(group.actors))
+                solved = [a.solve_experts.remote(p, job) for a, p in zip(group.actors, payloads)]
+                acts, rep = owner.finish_spread.options(num_returns=2).remote(i, job, hand_on, *solved)
+            else:
+                acts, rep = owner.calibrate_block.options(num_returns=2).remote(i, acts, job, hand_on)
             refs.append(rep)
         report_refs.append(refs)
     return _collect(group, jobs, report_refs, f"calibrate {jobs[0].method}", progress)

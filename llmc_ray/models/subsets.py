@@ -10,7 +10,7 @@ checkpoint tensor names (validation, before any weight is read).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from torch import nn
 
@@ -92,3 +92,43 @@ def names_has(tensor_names: Iterable[str], prefix: str) -> Has:
 
 def block_subsets(spec: ModelSpec, block: nn.Module) -> Tuple[Subset, ...]:
     return resolve_subsets(spec, module_has(block))
+
+
+def _in_expert(name: Optional[str], expert: str) -> bool:
+    return bool(name) and name.startswith(expert + ".")
+
+
+def without_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tuple[Subset, ...]:
+    """The block's subsets minus the routed experts' layers (subsets left with no layer are dropped): what
+    stays with the block's owner when the experts are calibrated elsewhere."""
+    def routed(n: str) -> bool:
+        return any(_in_expert(n, e) for e in experts)
+
+    out = []
+    for s in subsets:
+        layers = tuple(n for n in s.layers if not routed(n))
+        if layers:
+            groups = tuple(g for g in s.input_groups if not any(routed(n) for n in g))
+            out.append(dataclasses.replace(s, layers=layers, input_groups=groups))
+    return tuple(out)
+
+
+def expert_local(subsets: Tuple[Subset, ...], expert: str) -> Tuple[Subset, ...]:
+    """One routed expert's share of the block's subsets, named relative to the expert module (a block of its
+    own): its input group of a shared subset (gate/up, fed by the block's norm: no prev_op here), then its own
+    subsets (up -> down). Order and stages as in the block."""
+    p = len(expert) + 1
+
+    def rel(n: Optional[str]) -> Optional[str]:
+        return n[p:] if _in_expert(n, expert) else None
+
+    out = []
+    for s in subsets:
+        if all(_in_expert(n, expert) for n in s.layers):
+            out.append(Subset(rel(s.prev_op), tuple(n[p:] for n in s.layers), rel(s.inspect) or "",
+                              stage=s.stage))
+            continue
+        for g in s.groups():
+            if all(_in_expert(n, expert) for n in g):
+                out.append(Subset(None, tuple(n[p:] for n in g), ""))
+    return tuple(out)
