@@ -393,8 +393,9 @@ class BlockWorker:
     def spread_block(self, index: int, acts: Any, job: CalibJob, shares: int) -> Tuple[Dict[str, Any], ...]:
         """Sequential schedule: calibrate block `index` except its routed experts (when the method can leave
         them apart), and return `shares` payloads, one per actor, each a set of experts balanced by routed
-        tokens: the expert module, its routed inputs and its subsets, as host copies. solve_experts runs a
-        payload; finish_spread puts the results back. A dense block (or another method) gives empty payloads."""
+        tokens: the expert module (structure and tensors), its routed inputs and its subsets, as host copies.
+        solve_experts runs a payload; finish_spread puts the results back. A dense block (or another method)
+        gives empty payloads."""
         dev = self._take(acts, index)
         method, _ = resolve(job.method, job.special)
         apart = method.experts_apart and bool(self.experts[index])
@@ -407,7 +408,10 @@ class BlockWorker:
                 continue  # a starved expert keeps its weights and gets RTN qparams, as in its block
             k = load.index(min(load))
             load[k] += token_count(xs)
-            payloads[k][e] = (copy.deepcopy(block.get_submodule(e)).to("cpu"), self._to_cpu(xs, pin=False),
+            module = block.get_submodule(e)
+            # the module's structure (on the meta device) and its tensors as pinned host copies
+            state = dict(zip(module.state_dict(), self._to_cpu(list(module.state_dict().values()))))
+            payloads[k][e] = (copy.deepcopy(module).to("meta"), state, self._to_cpu(xs),
                               expert_local(self.subsets[index], e))
         result.routed_inputs = {}
         self.spreading[job.variant] = (index, result, dev, t0)
@@ -418,8 +422,9 @@ class BlockWorker:
         weights, its qparams and its report info (host copies)."""
         method, special = resolve(job.method, job.special)
         out = {}
-        for e, (module, xs, subsets) in payload["experts"].items():
-            module = module.to(self.device)
+        for e, (module, state, xs, subsets) in payload["experts"].items():
+            module = module.to_empty(device=self.device)
+            module.load_state_dict(state)
             ctx = BlockContext(block=module, inputs=self._to_dev(xs), block_kwargs={}, subsets=subsets,
                                spec=job.spec, special=special, index=payload["index"])
             with self._block_errors(payload["index"], job, ctx.inputs), torch.no_grad():
@@ -429,7 +434,8 @@ class BlockWorker:
             out[e] = ({k: v.detach().cpu() for k, v in module.state_dict().items()}, qparams, result.info)
         return {"rank": self.plan.rank, "experts": out}
 
-    def finish_spread(self, index: int, job: CalibJob, hand_on: str, *shares: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    def finish_spread(self, index: int, job: CalibJob, hand_on: str,
+                      *shares: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
         """The experts' results back into block `index`, then what calibrate_block does after the method."""
         _check_hand_on(hand_on)
         held, result, dev, t0 = self.spreading.pop(job.variant)

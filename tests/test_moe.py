@@ -539,7 +539,8 @@ def test_end_to_end(kind, method, moe_dirs, texts, tmp_path, ray_session):
             for r in (r for r in res[1]["blocks"] if "expert_tokens" in r["info"]):
                 spread = {int(k): n for k, n in r["info"]["experts_spread"].items()}  # balanced by routed tokens
                 assert set(spread) == {0, 1} and sum(spread.values()) == 8
-                assert r["info"]["loss"] == next(b for b in res[0]["blocks"] if b["block"] == r["block"])["info"]["loss"]
+                whole = next(b for b in res[0]["blocks"] if b["block"] == r["block"])
+                assert r["info"]["loss"] == whole["info"]["loss"]
         md = (tmp_path / "a1" / "report.md").read_text()  # experts summarised per kind, coverage listed
         assert "## Expert coverage" in md and "mlp.experts.*.down_proj" in md and "experts.0.down_proj" not in md
 
