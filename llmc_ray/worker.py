@@ -23,7 +23,7 @@ from torch import nn
 
 from .algorithms.base import BlockContext, resolve, token_count
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
-from .models import block_subsets, expert_local, expert_names, get_spec, linears, module_has
+from .models import block_subsets, expert_names, get_spec, linears, module_has, only_experts, renamed
 from .models.spec import Subset
 from .peer import PeerLink, SentToPeer
 from .quant.quantizer import QuantSpec, compute_qparams, fake_quant
@@ -111,6 +111,27 @@ class Variant:
                     raise RuntimeError(f"block {index}: the fp weights were already changed by another sweep point")
                 self.blocks[index] = copy.deepcopy(self.source[index])
         return self.blocks[index]
+
+
+class ExpertSet(nn.Module):
+    """Routed experts calibrated together, away from their block (dist.spread_experts). Forward step j runs
+    every expert on its j-th chunk of routed inputs (if it has one): each expert sees its chunks in the order
+    its block fed them, which is all its statistics depend on."""
+
+    def __init__(self, experts: Dict[str, nn.Module], inputs: Dict[str, Acts]):
+        super().__init__()
+        self.experts = nn.ModuleDict(experts)
+        self.inputs = inputs
+
+    def steps(self) -> Acts:
+        return [torch.tensor(j) for j in range(max(len(xs) for xs in self.inputs.values()))]
+
+    def forward(self, step: torch.Tensor) -> torch.Tensor:
+        j = int(step)
+        for k, expert in self.experts.items():
+            if j < len(self.inputs[k]):
+                expert(self.inputs[k][j])
+        return step
 
 
 class BlockWorker:
@@ -400,7 +421,7 @@ class BlockWorker:
         method, _ = resolve(job.method, job.special)
         apart = method.experts_apart and bool(self.experts[index])
         result, dev, t0 = self._solve(index, dev, job, experts_apart=apart)
-        payloads: List[Dict[str, Any]] = [{} for _ in range(shares)]
+        shared: List[Dict[str, Any]] = [{} for _ in range(shares)]
         load = [0] * shares
         block = self.variants[job.variant].block(index)
         for e, xs in sorted(result.routed_inputs.items(), key=lambda kv: -token_count(kv[1])):
@@ -411,27 +432,44 @@ class BlockWorker:
             module = block.get_submodule(e)
             # the module's structure (on the meta device) and its tensors as pinned host copies
             state = dict(zip(module.state_dict(), self._to_cpu(list(module.state_dict().values()))))
-            payloads[k][e] = (copy.deepcopy(module).to("meta"), state, self._to_cpu(xs),
-                              expert_local(self.subsets[index], e))
+            shared[k][e] = (copy.deepcopy(module).to("meta"), state, self._to_cpu(xs))
         result.routed_inputs = {}
         self.spreading[job.variant] = (index, result, dev, t0)
-        return tuple({"index": index, "experts": p} for p in payloads)
+        return tuple({"index": index, "experts": p, "subsets": only_experts(self.subsets[index], tuple(p))}
+                     for p in shared)
 
     def solve_experts(self, payload: Dict[str, Any], job: CalibJob) -> Dict[str, Any]:
-        """Calibrate each expert of a payload as a block of its own, on its routed inputs: per expert, its new
-        weights, its qparams and its report info (host copies)."""
+        """Calibrate a payload's experts together, as one block of their own (ExpertSet) on their routed inputs:
+        per expert, its new weights, its qparams and its report info (host copies)."""
+        out: Dict[str, Any] = {}
+        if not payload["experts"]:
+            return {"rank": self.plan.rank, "experts": out}
         method, special = resolve(job.method, job.special)
-        out = {}
-        for e, (module, state, xs, subsets) in payload["experts"].items():
-            module = module.to_empty(device=self.device)
-            module.load_state_dict(state)
-            ctx = BlockContext(block=module, inputs=self._to_dev(xs), block_kwargs={}, subsets=subsets,
-                               spec=job.spec, special=special, index=payload["index"])
-            with self._block_errors(payload["index"], job, ctx.inputs), torch.no_grad():
-                result = method.fn(ctx)
-            qparams = {n: None if qp is None else tuple(t.detach().cpu() for t in qp)
-                       for n, qp in result.qparams.items()}
-            out[e] = ({k: v.detach().cpu() for k, v in module.state_dict().items()}, qparams, result.info)
+        key = {e: e.replace(".", "_") for e in payload["experts"]}
+        modules, inputs = {}, {}
+        for e, (skeleton, state, xs) in payload["experts"].items():
+            modules[key[e]] = skeleton.to_empty(device=self.device)
+            modules[key[e]].load_state_dict(state)
+            inputs[key[e]] = self._to_dev(xs)
+        experts = ExpertSet(modules, inputs)
+
+        def local(n: str) -> str:
+            e = next(e for e in key if n.startswith(e + "."))
+            return f"experts.{key[e]}{n[len(e):]}"
+
+        ctx = BlockContext(block=experts, inputs=experts.steps(), block_kwargs={},
+                           subsets=tuple(renamed(x, local) for x in payload["subsets"]), spec=job.spec,
+                           special=special, index=payload["index"])
+        with self._block_errors(payload["index"], job, [x for xs in inputs.values() for x in xs]), torch.no_grad():
+            result = method.fn(ctx)
+        for e, k in key.items():
+            pre = f"experts.{k}."
+            qparams = {n[len(pre):]: None if qp is None else tuple(t.detach().cpu() for t in qp)
+                       for n, qp in result.qparams.items() if n.startswith(pre)}
+            # per-layer report entries (losses, ...) of this expert, named inside it
+            info = {key_: {n[len(pre):]: v for n, v in value.items() if n.startswith(pre)}
+                    for key_, value in result.info.items() if isinstance(value, dict)}
+            out[e] = ({n: v.detach().cpu() for n, v in modules[k].state_dict().items()}, qparams, info)
         return {"rank": self.plan.rank, "experts": out}
 
     def finish_spread(self, index: int, job: CalibJob, hand_on: str,

@@ -111,7 +111,7 @@ class Method:
     needs_grad: bool = False  # learnable methods (OmniQuant-style) run with autograd on
     # each routed expert's calibration depends only on the tokens routed to it, so it can run apart from its
     # block, on another actor (dist.spread_experts): the method honours BlockContext.experts_apart, and run on
-    # an expert module alone (its subsets from models.expert_local) it gives what it gives inside the block
+    # the experts alone (worker.ExpertSet, subsets from models.only_experts) it gives what it gives in the block
     experts_apart: bool = False
 
 

@@ -2,8 +2,8 @@
 from .llama import LLAMA, MISTRAL, QWEN2
 from .moe import DEEPSEEK_V2, QWEN2_MOE
 from .spec import ModelSpec, Subset, linears
-from .subsets import (block_subsets, expert_local, expert_names, module_has, names_has, resolve_subsets,
-                      without_experts)
+from .subsets import (block_subsets, expert_names, module_has, names_has, only_experts, renamed,
+                      resolve_subsets, without_experts)
 
 ADAPTERS = {s.name: s for s in (LLAMA, MISTRAL, QWEN2, QWEN2_MOE, DEEPSEEK_V2)}
 ALIASES = {"smollm": "llama", "smollm2": "llama", "Llama": "llama", "Qwen2": "qwen2", "Mistral": "mistral"}
@@ -19,5 +19,5 @@ def get_spec(model_type: str) -> ModelSpec:
     return ADAPTERS[key]
 
 
-__all__ = ["ADAPTERS", "ModelSpec", "Subset", "block_subsets", "expert_local", "expert_names", "get_spec",
-           "linears", "module_has", "names_has", "resolve_subsets", "without_experts"]
+__all__ = ["ADAPTERS", "ModelSpec", "Subset", "block_subsets", "expert_names", "get_spec", "linears",
+           "module_has", "names_has", "only_experts", "renamed", "resolve_subsets", "without_experts"]

@@ -113,22 +113,30 @@ def without_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tu
     return tuple(out)
 
 
-def expert_local(subsets: Tuple[Subset, ...], expert: str) -> Tuple[Subset, ...]:
-    """One routed expert's share of the block's subsets, named relative to the expert module (a block of its
-    own): its input group of a shared subset (gate/up, fed by the block's norm: no prev_op here), then its own
-    subsets (up -> down). Order and stages as in the block."""
-    p = len(expert) + 1
+def only_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tuple[Subset, ...]:
+    """What `without_experts` leaves out, for these experts: their input groups of a shared subset (gate/up,
+    fed by the block's norm: one subset of those groups, no prev_op) and their own subsets (up -> down), in the
+    block's order and stages, so a method run on the experts alone walks them as it would in the block."""
+    def mine(n: str) -> bool:
+        return any(_in_expert(n, e) for e in experts)
 
-    def rel(n: Optional[str]) -> Optional[str]:
-        return n[p:] if _in_expert(n, expert) else None
+    def of_one(s: Subset) -> Optional[str]:
+        owner = [e for e in experts if all(_in_expert(n, e) for n in s.layers)]
+        return owner[0] if owner else None
 
     out = []
     for s in subsets:
-        if all(_in_expert(n, expert) for n in s.layers):
-            out.append(Subset(rel(s.prev_op), tuple(n[p:] for n in s.layers), rel(s.inspect) or "",
-                              stage=s.stage))
+        if of_one(s) is not None:
+            out.append(s)
             continue
-        for g in s.groups():
-            if all(_in_expert(n, expert) for n in g):
-                out.append(Subset(None, tuple(n[p:] for n in g), ""))
+        groups = tuple(g for g in s.groups() if all(mine(n) for n in g))
+        if groups:
+            out.append(Subset(None, tuple(n for g in groups for n in g), "", input_groups=groups))
     return tuple(out)
+
+
+def renamed(s: Subset, rename: Callable[[str], str]) -> Subset:
+    """The subset with every module name passed through `rename`."""
+    return Subset(rename(s.prev_op) if s.prev_op else None, tuple(map(rename, s.layers)),
+                  rename(s.inspect) if s.inspect else "", s.inspect_kwargs, tuple(map(rename, s.absorb)),
+                  tuple(tuple(map(rename, g)) for g in s.input_groups), s.stage)
