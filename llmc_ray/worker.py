@@ -462,14 +462,21 @@ class BlockWorker:
                            special=special, index=payload["index"])
         with self._block_errors(payload["index"], job, [x for xs in inputs.values() for x in xs]), torch.no_grad():
             result = method.fn(ctx)
+        # every tensor to hand back, host-copied in one go (one wait for the device, not one per tensor)
+        tensors = dict(experts.experts.state_dict())
+        tensors.update({f"{n}#{i}": t.detach() for n, qp in result.qparams.items() if qp is not None
+                        for i, t in enumerate(qp)})
+        host = dict(zip(tensors, self._to_cpu(list(tensors.values()))))
         for e, k in key.items():
-            pre = f"experts.{k}."
-            qparams = {n[len(pre):]: None if qp is None else tuple(t.detach().cpu() for t in qp)
-                       for n, qp in result.qparams.items() if n.startswith(pre)}
+            pre = f"{k}."
+            state = {n[len(pre):]: t for n, t in host.items() if n.startswith(pre) and "#" not in n}
+            qparams = {n[len("experts.") + len(pre):]: None if qp is None else (host[f"{n}#0"], host[f"{n}#1"])
+                       for n, qp in result.qparams.items() if n.startswith("experts." + pre)}
             # per-layer report entries (losses, ...) of this expert, named inside it
-            info = {key_: {n[len(pre):]: v for n, v in value.items() if n.startswith(pre)}
-                    for key_, value in result.info.items() if isinstance(value, dict)}
-            out[e] = ({n: v.detach().cpu() for n, v in modules[k].state_dict().items()}, qparams, info)
+            info = {name: {n[len("experts.") + len(pre):]: v for n, v in value.items()
+                           if n.startswith("experts." + pre)}
+                    for name, value in result.info.items() if isinstance(value, dict)}
+            out[e] = (state, qparams, info)
         return {"rank": self.plan.rank, "experts": out}
 
     def finish_spread(self, index: int, job: CalibJob, hand_on: str,
