@@ -429,11 +429,22 @@ class BlockWorker:
                 continue  # a starved expert keeps its weights and gets RTN qparams, as in its block
             k = load.index(min(load))
             load[k] += token_count(xs)
-            module = block.get_submodule(e)
-            # the module's structure (on the meta device) and its tensors as pinned host copies
-            state = dict(zip(module.state_dict(), self._to_cpu(list(module.state_dict().values()))))
-            shared[k][e] = (copy.deepcopy(module).to("meta"), state, self._to_cpu(xs))
+            shared[k][e] = (block.get_submodule(e), xs)
         result.routed_inputs = {}
+        # each module's structure (on the meta device), and its tensors and inputs as pinned host copies made
+        # in one go (one wait for the device)
+        flat = [(k, e, name, t) for k, p in enumerate(shared) for e, (m, xs) in p.items()
+                for name, t in [*m.state_dict().items(), *((None, x) for x in xs)]]
+        copies: Dict[Tuple[int, str], Tuple[Dict[str, torch.Tensor], Acts]] = {
+            (k, e): ({}, []) for k, p in enumerate(shared) for e in p}
+        for (k, e, name, _), h in zip(flat, self._to_cpu([t for *_, t in flat])):
+            state, xs = copies[k, e]
+            if name is None:
+                xs.append(h)
+            else:
+                state[name] = h
+        for (k, e), (state, xs) in copies.items():
+            shared[k][e] = (copy.deepcopy(shared[k][e][0]).to("meta"), state, xs)
         self.spreading[job.variant] = (index, result, dev, t0)
         return tuple({"index": index, "experts": p, "subsets": only_experts(self.subsets[index], tuple(p))}
                      for p in shared)
@@ -460,7 +471,8 @@ class BlockWorker:
         ctx = BlockContext(block=experts, inputs=experts.steps(), block_kwargs={},
                            subsets=tuple(renamed(x, local) for x in payload["subsets"]), spec=job.spec,
                            special=special, index=payload["index"])
-        with self._block_errors(payload["index"], job, [x for xs in inputs.values() for x in xs]), torch.no_grad():
+        routed = [x for xs in inputs.values() for x in xs]
+        with self._block_errors(payload["index"], job, routed), torch.no_grad():
             result = method.fn(ctx)
         # every tensor to hand back, host-copied in one go (one wait for the device, not one per tensor)
         tensors = dict(experts.experts.state_dict())
