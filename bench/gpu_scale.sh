@@ -3,7 +3,7 @@
 # phase, each case on 1 GPU and on every actor count of ACTORS (default "1 2"):
 #   eval    pretrain + warm eval of whole-width models: Qwen2-7B shape (28 blocks, 128 windows of 2048 tokens:
 #           about wikitext2-test's size) and Llama-2-70B shape (24 blocks, 64 windows); with more than one GPU,
-#           activations by direct NCCL sends (the default) and, for the 7B shape, through Ray's object store
+#           activations by direct NCCL sends and, for the 7B shape, through Ray's object store
 #   calib   parallel calibration (and llmc's sequential schedule on 1 GPU): AWQ and GPTQ on 8 Qwen2-7B-shape
 #           blocks, AWQ on 4 Llama-2-70B-shape blocks
 #   moe     GPTQ on 4 DeepSeek-V2-Lite-shape blocks (1 dense + 3 MoE), sequential: 1 GPU, and every other
@@ -19,18 +19,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 sb() { python3 bench/scale_bench.py "$@" 2>&1 | grep -v '^{' | tail -4; }
 if [ "$phase" = eval ]; then
   for n in $ACTORS; do
-    sb $OUT/eval --eval-windows 128 qwen2-7b:28:RTN:sequential:$n
+    sb $OUT/eval --eval-windows 128 --transport collective qwen2-7b:28:RTN:sequential:$n
     [ "$n" -gt 1 ] && sb $OUT/eval --eval-windows 128 --transport object_store qwen2-7b:28:RTN:sequential:$n
-    sb $OUT/eval --eval-windows 64 llama2-70b:24:RTN:sequential:$n
+    sb $OUT/eval --eval-windows 64 --transport collective llama2-70b:24:RTN:sequential:$n
   done
   grep -o '"case": "[^"]*"\|"gpu_peak_gib_per_actor": \[[^]]*\]' $OUT/eval/scale.jsonl | paste - -
 fi
 if [ "$phase" = calib ]; then
   cases=(qwen2-7b:8:Awq:sequential:1 qwen2-7b:8:GPTQ:sequential:1)
-  for n in $ACTORS; do
+  for n in $ACTORS; do  # the parallel schedule's capture goes by NCCL sends (--transport collective)
     cases+=(qwen2-7b:8:Awq:parallel:$n qwen2-7b:8:GPTQ:parallel:$n llama2-70b:4:Awq:parallel:$n)
   done
-  sb $OUT/calib "${cases[@]}"
+  sb $OUT/calib --transport collective "${cases[@]}"
   python3 - <<'PY'
 import json, os
 for line in open(os.environ["OUT"] + "/calib/scale.jsonl"):
@@ -47,7 +47,7 @@ if [ "$phase" = moe ]; then
 fi
 if [ "$phase" = sweep ]; then
   P=(GPTQ 4:128 3:128 4:64 3:64)
-  swb() { python3 bench/sweep_bench.py "$@" 2>&1 | tail -6; }
+  swb() { python3 bench/sweep_bench.py --transport=collective "$@" 2>&1 | tail -6; }
   for n in $ACTORS; do
     [ "$n" = 1 ] && swb $OUT/s1 synthetic:qwen2-7b:8 1 sequential "${P[@]}" \
                  || swb $OUT/s$n synthetic:qwen2-7b:8 $n sequential "${P[@]}" --pipelined-only

@@ -4,6 +4,7 @@
     MODEL  = synthetic:ARCH:LAYERS (timing only) or demo (SmolLM2 + SOTU, the demo's data settings)
     POINT  = BIT:GROUP_SIZE, e.g. 4:128 3:128 4:64 3:64
     --pipelined-only: skip the separate runs (to time the pipelined sweep on another actor count)
+    --transport=T: dist.transport (auto, collective, object_store; default auto)
 
 Prints, per mode, the wall time and every point's fake-quant PPL (they must agree between the modes: the
 pipelined sweep is tested to equal separate runs bit for bit), then the speed-up.
@@ -24,7 +25,8 @@ SPECIAL = {"Awq": {"trans": True, "trans_version": "v2", "weight_clip": True, "c
            "RTN": {}}
 
 
-def config(model: str, actors: int, schedule: str, method: str, bit: int, group: int, out: Path):
+def config(model: str, actors: int, schedule: str, method: str, bit: int, group: int, out: Path,
+           transport: str = "auto"):
     data = ({"model": {"path": model, "torch_dtype": "bfloat16"},
              "calib": {"n_samples": 128, "seq_len": 512, "bs": 16},
              "eval": {"seq_len": 2048, "bs": 4, "num_samples": 8, "eval_pos": ["pretrain", "fake_quant"]}}
@@ -33,7 +35,8 @@ def config(model: str, actors: int, schedule: str, method: str, bit: int, group:
                   "quant": {"method": method, "weight": {"bit": bit, "group_size": group},
                             "special": SPECIAL[method], "quant_out": method != "RTN"},
                   "save": {"save_path": str(out / f"w{bit}g{group}"), "resume": False},
-                  "dist": {"actors": actors, "device": "cuda", "cpus_per_actor": 4, "schedule": schedule},
+                  "dist": {"actors": actors, "device": "cuda", "cpus_per_actor": 4, "schedule": schedule,
+                           "transport": transport},
                   "run": {"progress": False}})
 
 
@@ -56,17 +59,18 @@ def _demo():
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if a != "--pipelined-only"]
+    transport = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--transport=")), "auto")
+    args = [a for a in sys.argv[1:] if a != "--pipelined-only" and not a.startswith("--transport=")]
     out, model, actors, schedule, method, *points = args
     out = Path(out)
     pts = [tuple(int(x) for x in p.split(":")) for p in points]
     rows = {}
     if "--pipelined-only" not in sys.argv:
         t0 = time.perf_counter()
-        alone = [run(config(model, int(actors), schedule, method, b, g, out / "alone")) for b, g in pts]
+        alone = [run(config(model, int(actors), schedule, method, b, g, out / "alone", transport)) for b, g in pts]
         rows["separate runs"] = (time.perf_counter() - t0, alone)
     t0 = time.perf_counter()
-    swept = run_many([config(model, int(actors), schedule, method, b, g, out / "pipelined") for b, g in pts])
+    swept = run_many([config(model, int(actors), schedule, method, b, g, out / "pipelined", transport) for b, g in pts])
     rows["pipelined sweep"] = (time.perf_counter() - t0, swept)
     print(f"\n{model}, {actors} actor(s), {schedule}, {method}, points {' '.join(points)}")
     print("| mode | wall s | calibrate s | fake-quant PPL per point |\n|---|---|---|---|")
