@@ -1,6 +1,7 @@
 """Where one block's calibration time goes: the sequential schedule run in-process (no Ray), phase by phase.
 
     python bench/block_profile.py MODEL METHOD BS [--blocks N] [--calib calib.pt] [--special k=v ...] [--trace]
+                                  [--fresh-refs]
 
 MODEL: an HF dir or synthetic:ARCH:LAYERS; METHOD: Awq | GPTQ; BS: calibration samples per forward.
 Calibration: --calib (int64 [n, seq] tokens, e.g. from bench/llmcompressor/dump_tokens.py) or 128 x 512
@@ -57,7 +58,7 @@ def timed(owner, name: str, label: str) -> None:
 
 
 def instrument() -> None:
-    timed(base_mod.BlockContext, "capture_inputs", "awq: capture_inputs")
+    timed(base_mod.BlockContext, "capture", "awq: capture (inputs, inspect outputs)")
     timed(awq_mod, "search_scale", "awq: search_scale")
     timed(awq_mod, "search_clip", "awq: search_clip")
     timed(awq_mod, "sample_tokens", "awq: sample_tokens")
@@ -81,7 +82,12 @@ def main() -> None:
     ap.add_argument("--special", nargs="*", default=[], help="k=v (true/false/int/float)")
     ap.add_argument("--trace", action="store_true")
     ap.add_argument("--merge-tokens", type=int, default=65536, help="calib.merge_tokens (0: no merging)")
+    ap.add_argument("--fresh-refs", action="store_true",
+                    help="AWQ: compute every search's reference afresh (as before the capture kept them)")
     args = ap.parse_args()
+    if args.fresh_refs:
+        capture = base_mod.BlockContext.capture
+        base_mod.BlockContext.capture = lambda self, names, outputs=(): capture(self, names, ())
 
     def value(v: str):
         low = v.lower()

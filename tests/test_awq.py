@@ -293,3 +293,61 @@ def test_resolve_through_registry():
     assert method.name == "Awq" and special == AwqSpecial(trans_version="v1", clip_sym=True)
     with pytest.raises(ConfigError, match="trans_version"):
         resolve("Awq", {"trans_version": "v9"})
+
+
+# ------------------------------------------------------------------ references from the capture forward
+
+
+def fresh_references_only(monkeypatch):
+    """AWQ as if the capture kept no outputs: every search computes its reference by calling its module."""
+    capture = BlockContext.capture
+    monkeypatch.setattr(BlockContext, "capture", lambda self, names, outputs=(): capture(self, names, ()))
+
+
+def count_calls(monkeypatch):
+    calls = []
+    call = BlockContext.call
+    monkeypatch.setattr(BlockContext, "call", lambda self, subset, x: calls.append(1) or call(self, subset, x))
+    return calls
+
+
+def assert_same_awq(make, monkeypatch):
+    """AWQ taking each search's reference from the capture forward gives the same block, bit for bit, as AWQ
+    computing every reference afresh (the independent path), with one call of each inspect module fewer."""
+    kept_ctx, fresh_ctx = make(), make()
+    calls = count_calls(monkeypatch)
+    kept = awq(kept_ctx)
+    kept_calls = len(calls)
+    fresh_references_only(monkeypatch)
+    fresh = awq(fresh_ctx)
+    assert kept.info["ratios"] == fresh.info["ratios"]
+    a, b = kept_ctx.block.state_dict(), fresh_ctx.block.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh_calls = len(calls) - kept_calls
+    assert kept.info["ratios"] and fresh_calls > kept_calls
+    return kept, kept_ctx, kept_calls, fresh_calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_references_from_the_capture_equal_fresh_ones(kind, monkeypatch):
+    kept, ctx, kept_calls, fresh_calls = assert_same_awq(
+        lambda: make_ctx(AwqSpecial(trans_version="v1"), G32_3, kind), monkeypatch)
+    # a dense block: each searched subset's inspect module sees every micro-batch, once less per search
+    assert fresh_calls - kept_calls == len(kept.info["ratios"]) * len(ctx.inputs)
+
+
+def test_a_reference_is_recomputed_once_its_module_has_changed(monkeypatch):
+    """Subsets in an order where an earlier scale changes modules inside a later inspect module (up -> down
+    first, then the MLP, which holds both): that search must call the MLP afresh, and the result still equals
+    the all-fresh path bit for bit."""
+    attn, v_to_o, mlp, down = LLAMA_SUBSETS
+
+    def make():
+        model = tiny.tiny_model("llama")
+        xs, kw = tiny.block_inputs(model)
+        return BlockContext(model.model.layers[0], xs, kw, (attn, down, mlp), G32_3, AwqSpecial(weight_clip=False))
+
+    kept, ctx, kept_calls, fresh_calls = assert_same_awq(make, monkeypatch)
+    assert set(kept.info["ratios"]) == {"self_attn", "mlp.down_proj", "mlp"}
+    # only the two searches whose modules were untouched took their reference from the capture
+    assert fresh_calls - kept_calls == 2 * len(ctx.inputs)

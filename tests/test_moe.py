@@ -595,3 +595,10 @@ def test_spread_experts_needs_a_method_that_can_and_the_sequential_schedule(moe_
         plan_for(str(moe_dirs["qwen2_moe"]), 32, tmp_path, method="Awq", spread=True)
     with pytest.raises(ConfigError, match="spread_experts=true applies to the sequential schedule"):
         build({"model": {"path": "x"}, "dist": {"spread_experts": True, "schedule": "parallel"}})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_awq_references_from_the_capture_equal_fresh_ones(kind, monkeypatch):
+    from test_awq import assert_same_awq
+
+    assert_same_awq(lambda: moe_ctx(kind, AwqSpecial())[0], monkeypatch)

@@ -121,13 +121,15 @@ def inspect_mse(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor],
 
 
 def search_scale(ctx: BlockContext, subset: Subset, xs: Sequence[torch.Tensor], version: str,
-                 n_grid: int) -> ScaleSearch:
+                 n_grid: int, ref: Optional[Sequence[torch.Tensor]] = None) -> ScaleSearch:
     """Grid search of the ratio for one subset; layers are restored to their fp weights afterwards.
+    `ref`: the inspect module's fp outputs on `xs` when already known (else computed here).
     The losses of all ratios are read back once, at the end; the first smallest wins (NaN never does)."""
     layers = [ctx.module(n) for n in subset.layers]
     orig = [m.weight.data.clone() for m in layers]
-    with torch.no_grad():
-        ref = [ctx.call(subset, x) for x in xs]
+    if ref is None:
+        with torch.no_grad():
+            ref = [ctx.call(subset, x) for x in xs]
     x_mean = act_mean(xs)
     w_mean = weight_mean(orig, ctx.spec) if version == "v1" else None
 
@@ -278,6 +280,11 @@ def skip_clip(name: str, patterns: Sequence[str]) -> bool:
 # ---------------------------------------------------------------- the block method
 
 
+def _inside(name: str, module: str) -> bool:
+    """Is module `name` (block-relative) `module` itself or inside it ("" is the whole block)?"""
+    return not module or name == module or name.startswith(module + ".")
+
+
 @register("Awq", AwqSpecial)
 @torch.no_grad()
 def awq(ctx: BlockContext) -> BlockResult:
@@ -287,22 +294,32 @@ def awq(ctx: BlockContext) -> BlockResult:
     still takes the shared norm's scale, which the transform needs to stay exact."""
     sp: AwqSpecial = ctx.special
     groups = {g[0]: g for s in ctx.subsets for g in s.groups()}  # first layer -> layers sharing its input
-    captured = ctx.capture_inputs(list(dict.fromkeys([s.inspect for s in ctx.subsets] + list(groups))))
+    # the inspect modules' outputs too: each is a subset's reference, the very tensors a fresh call on the
+    # captured inputs gives as long as no earlier scale changed a module inside it (checked below)
+    inspects = tuple(dict.fromkeys(s.inspect for s in ctx.subsets)) if sp.trans else ()
+    captured, inspect_out = ctx.capture(list(dict.fromkeys([s.inspect for s in ctx.subsets] + list(groups))),
+                                        inspects)
     inspect_in = {s.inspect: captured[s.inspect] for s in ctx.subsets}
     layer_in: Dict[str, List[torch.Tensor]] = {g0: list(captured[g0]) for g0 in groups}
     tokens = {n: token_count(layer_in[g0]) for g0, g in groups.items() for n in g}
     info: Dict[str, object] = {"ratios": {}, "skipped": {}, "clipped_frac": {}}
 
     if sp.trans:
+        changed: List[str] = []  # modules whose weights an applied scale has changed so far
         for subset in ctx.subsets:
+            # the captured output is the reference only while nothing inside the inspect module has changed
+            ref = inspect_out.pop(subset.inspect, None)
+            if any(_inside(n, subset.inspect) for n in changed):
+                ref = None
             kind, why = scale_target(ctx, subset)
             if kind is not None and not inspect_in[subset.inspect]:
                 kind, why = None, "no calibration tokens"
             if kind is None:
                 info["skipped"][subset.inspect] = why
                 continue
-            found = search_scale(ctx, subset, inspect_in[subset.inspect], sp.trans_version, sp.n_grid)
+            found = search_scale(ctx, subset, inspect_in[subset.inspect], sp.trans_version, sp.n_grid, ref=ref)
             apply_scale(ctx, subset, found.scales, kind)
+            changed += [subset.prev_op, *subset.layers, *subset.absorb]
             # the layers now see x / s: the clip search must use the same inputs
             for g in subset.groups():
                 layer_in[g[0]] = [(x.float() / found.scales).to(x.dtype) for x in layer_in[g[0]]]

@@ -48,12 +48,24 @@ class BlockContext:
     def capture_inputs(self, names: List[str]) -> Dict[str, List[torch.Tensor]]:
         """Run the block over all inputs and record what each named module receives (a routed expert's
         linears: only the tokens routed to it; none if it got none)."""
+        return self.capture(names)[0]
+
+    def capture(self, names: List[str], outputs: Tuple[str, ...] = ()) -> Tuple[Dict[str, List[torch.Tensor]],
+                                                                                 Dict[str, List[torch.Tensor]]]:
+        """capture_inputs, plus what each module named in `outputs` returns (its first tensor), call by call."""
         seen: Dict[str, List[torch.Tensor]] = {n: [] for n in names}
-        with forward_pre_hooks({n: self.module(n) for n in names}, lambda n, x: seen[n].append(x.detach())):
-            with torch.no_grad():
-                for x in self.inputs:
-                    self.forward(x)
-        return seen
+        out: Dict[str, List[torch.Tensor]] = {n: [] for n in outputs}
+        hooks = [self.module(n).register_forward_hook(lambda _m, _a, y, n=n: out[n].append(first_tensor(y).detach()))
+                 for n in outputs]
+        try:
+            with forward_pre_hooks({n: self.module(n) for n in names}, lambda n, x: seen[n].append(x.detach())):
+                with torch.no_grad():
+                    for x in self.inputs:
+                        self.forward(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, out
 
 
 @dataclass
