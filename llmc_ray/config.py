@@ -130,8 +130,8 @@ class DistConfig:
     # actor) instead of holding them in host RAM until the block is calibrated; None: host RAM
     spill_dir: Optional[str] = None
     # how eval batches and parallel-schedule captures go from actor to actor: collective (torch.distributed
-    # sends, NCCL between GPUs: device to device), object_store (host copies through Ray), auto (collective
-    # between GPU actors, object_store on CPU)
+    # sends, NCCL between GPUs: device to device), object_store (host copies through Ray), auto (object_store
+    # until the sends are measured on GPUs: dist/cluster.py)
     transport: str = "auto"
     # MoE blocks, sequential schedule: each block's routed experts are calibrated on every actor (balanced by
     # their routed tokens), not only on the block's owner: the other actors would wait otherwise, and the

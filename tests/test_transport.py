@@ -29,7 +29,11 @@ def test_three_actor_chain_with_direct_sends_equals_one_actor(schedule, tiny_dir
         assert w1.keys() == w3.keys() and all(torch.equal(w1[k], w3[k]) for k in w1)
 
 
-def test_transport_auto_and_bad_values():
+def test_transport_auto_and_bad_values(monkeypatch):
+    from llmc_ray.dist import cluster
+
+    assert resolve_transport(DistConfig(actors=2, device="cuda")) == "object_store"  # until measured on GPUs
+    monkeypatch.setattr(cluster, "COLLECTIVE_BY_DEFAULT_ON_GPUS", True)
     assert resolve_transport(DistConfig(actors=2, device="cuda")) == "collective"
     assert resolve_transport(DistConfig(actors=1, device="cuda")) == "object_store"
     assert resolve_transport(DistConfig(actors=2, device="cpu")) == "object_store"

@@ -68,12 +68,18 @@ class BlockActor(BlockWorker):
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
+# auto picks NCCL sends between GPU actors once they have been measured on two GPUs (bench/gpu_scale.sh eval);
+# until then they are opt-in (dist.transport=collective): tested bit-identical on CPU actors (gloo) only
+COLLECTIVE_BY_DEFAULT_ON_GPUS = False
+
+
 def resolve_transport(dist: DistConfig) -> str:
-    """auto: direct sends between GPU actors (NCCL), the object store otherwise (CPU actors gain nothing from
-    gloo's loopback TCP over Ray's shared memory)."""
+    """auto: the object store (today), or direct sends between GPU actors once COLLECTIVE_BY_DEFAULT_ON_GPUS;
+    CPU actors gain nothing from gloo's loopback TCP over Ray's shared memory either way."""
     if dist.transport != "auto":
         return dist.transport
-    return "collective" if dist.device == "cuda" and dist.actors > 1 else "object_store"
+    on_gpus = dist.device == "cuda" and dist.actors > 1
+    return "collective" if on_gpus and COLLECTIVE_BY_DEFAULT_ON_GPUS else "object_store"
 
 
 class ActorGroup:
