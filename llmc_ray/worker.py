@@ -414,7 +414,7 @@ class BlockWorker:
     def spread_block(self, index: int, acts: Any, job: CalibJob, shares: int) -> Tuple[Dict[str, Any], ...]:
         """Sequential schedule: calibrate block `index` except its routed experts (when the method can leave
         them apart), and return `shares` payloads, one per actor, each a set of experts balanced by routed
-        tokens: the expert module (structure and tensors), its routed inputs and its subsets, as host copies.
+        tokens: the expert module and its routed inputs as host copies, and the share's subsets.
         solve_experts runs a payload; finish_spread puts the results back. A dense block (or another method)
         gives empty payloads."""
         dev = self._take(acts, index)
@@ -431,20 +431,25 @@ class BlockWorker:
             load[k] += token_count(xs)
             shared[k][e] = (block.get_submodule(e), xs)
         result.routed_inputs = {}
-        # each module's structure (on the meta device), and its tensors and inputs as pinned host copies made
-        # in one go (one wait for the device)
+        # each expert as a host module: its structure, with its tensors (and its inputs) as pinned host copies
+        # made in one go (one wait for the device); on a CPU worker, copies all the same (never the block's own)
         flat = [(k, e, name, t) for k, p in enumerate(shared) for e, (m, xs) in p.items()
                 for name, t in [*m.state_dict().items(), *((None, x) for x in xs)]]
+        host = self._to_cpu([t for *_, t in flat])
+        if self.device.type == "cpu":
+            host = [t.clone() for t in host]
         copies: Dict[Tuple[int, str], Tuple[Dict[str, torch.Tensor], Acts]] = {
             (k, e): ({}, []) for k, p in enumerate(shared) for e in p}
-        for (k, e, name, _), h in zip(flat, self._to_cpu([t for *_, t in flat])):
+        for (k, e, name, _), h in zip(flat, host):
             state, xs = copies[k, e]
             if name is None:
                 xs.append(h)
             else:
                 state[name] = h
         for (k, e), (state, xs) in copies.items():
-            shared[k][e] = (copy.deepcopy(shared[k][e][0]).to("meta"), state, xs)
+            module = copy.deepcopy(shared[k][e][0]).to("meta")
+            module.load_state_dict(state, assign=True)
+            shared[k][e] = (module, xs)
         self.spreading[job.variant] = (index, result, dev, t0)
         return tuple({"index": index, "experts": p, "subsets": only_experts(self.subsets[index], tuple(p))}
                      for p in shared)
@@ -458,9 +463,8 @@ class BlockWorker:
         method, special = resolve(job.method, job.special)
         key = {e: e.replace(".", "_") for e in payload["experts"]}
         modules, inputs = {}, {}
-        for e, (skeleton, state, xs) in payload["experts"].items():
-            modules[key[e]] = skeleton.to_empty(device=self.device)
-            modules[key[e]].load_state_dict(state)
+        for e, (module, xs) in payload["experts"].items():
+            modules[key[e]] = module.to(self.device)
             inputs[key[e]] = self._to_dev(xs)
         experts = ExpertSet(modules, inputs)
 

@@ -5,6 +5,7 @@ import logging
 import os
 import socket
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -18,12 +19,22 @@ from .planner import partition
 log = logging.getLogger(__name__)
 
 
+# GPU actors pass host tensors (activation hand-offs, spread experts) through the object store. By default
+# Ray pickles a torch tensor's bytes in band (a copy on each side); with this it sends them as out-of-band
+# buffers and the receiver gets a view of the store's shared memory. Such a view is read-only: GPU actors only
+# ever copy what they receive to their device, so this is set for them only, never for CPU actors (which
+# compute on what they receive).
+ZERO_COPY_TENSORS = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
 def init_ray(dist: DistConfig) -> None:
     if ray.is_initialized():  # later jobs of a multirun (one process), tests: reuse this process's Ray
         return
     # Ray's own start-up chatter stays out of the user's console; actors' errors still surface via exceptions
     kw: Dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                               configure_logging=True)
+    if dist.device == "cuda":
+        kw["runtime_env"] = {"env_vars": ZERO_COPY_TENSORS}
     if dist.address or os.environ.get("RAY_ADDRESS"):
         # an existing cluster: dist.address, or RAY_ADDRESS as a Ray Job's driver has it; the cluster's auth rules
         ray.init(address=dist.address or None, **kw)
@@ -60,6 +71,12 @@ def plan_workers(ckpt: Checkpoint, spec, n_layers: int, dist: DistConfig, model_
 
 class BlockActor(BlockWorker):
     """BlockWorker plus what only Ray knows: where this actor runs (to set the chain's process group up)."""
+
+    def __init__(self, plan: WorkerPlan):
+        super().__init__(plan)
+        # Ray warns once per process that zero-copy tensors must be treated as read-only: they are (see
+        # ZERO_COPY_TENSORS), so the warning would only alarm users
+        warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
 
     def node_address(self) -> Tuple[str, int]:
         """This node's address as Ray sees it, and a port free on it."""
