@@ -74,9 +74,10 @@ class BlockActor(BlockWorker):
 
     def __init__(self, plan: WorkerPlan):
         super().__init__(plan)
-        # Ray warns once per process that zero-copy tensors must be treated as read-only: they are (see
-        # ZERO_COPY_TENSORS), so the warning would only alarm users
+        # Ray (sending) and torch (receiving) warn once per process that zero-copy tensors must be treated as
+        # read-only: they are (see ZERO_COPY_TENSORS), so the warnings would only alarm users
         warnings.filterwarnings("ignore", message="Zero-copy tensor serialization is enabled")
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
     def node_address(self) -> Tuple[str, int]:
         """This node's address as Ray sees it, and a port free on it."""
