@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Ray pickles a torch tensor's bytes in band (a copy on each side); with this it sends them as out-of-band
 # buffers and the receiver gets a view of the store's shared memory. Such a view is read-only: GPU actors only
 # ever copy what they receive to their device, so this is set for them only, never for CPU actors (which
-# compute on what they receive).
+# compute on what they receive); on an existing cluster, set it in the cluster's or the job's env.
 ZERO_COPY_TENSORS = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
@@ -33,8 +33,6 @@ def init_ray(dist: DistConfig) -> None:
     # Ray's own start-up chatter stays out of the user's console; actors' errors still surface via exceptions
     kw: Dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                               configure_logging=True)
-    if dist.device == "cuda":
-        kw["runtime_env"] = {"env_vars": ZERO_COPY_TENSORS}
     if dist.address or os.environ.get("RAY_ADDRESS"):
         # an existing cluster: dist.address, or RAY_ADDRESS as a Ray Job's driver has it; the cluster's auth rules
         ray.init(address=dist.address or None, **kw)
@@ -51,6 +49,8 @@ def init_ray(dist: DistConfig) -> None:
                 pass
             else:
                 _enable_token_auth()
+        if dist.device == "cuda":  # (an existing cluster keeps its own settings: a Ray Job's env is its own)
+            kw["runtime_env"] = {"env_vars": ZERO_COPY_TENSORS}
         # "local": start our own, never attach to another `ray start` cluster found in /tmp/ray by chance
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, dist.actors * dist.cpus_per_actor), **kw)
 
