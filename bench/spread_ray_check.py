@@ -39,7 +39,8 @@ def main() -> None:
     if "--share-gpu" in sys.argv:
         from llmc_ray.dist.cluster import ZERO_COPY_TENSORS
 
-        ray.init(num_gpus=2, include_dashboard=False, runtime_env={"env_vars": ZERO_COPY_TENSORS})
+        os.environ.update(ZERO_COPY_TENSORS)  # as init_ray does for the Ray it starts
+        ray.init(num_gpus=2, include_dashboard=False)
     res = {}
     for actors, spread in ((1, False), (2, True)):
         t0 = time.perf_counter()

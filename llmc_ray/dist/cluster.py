@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 # Ray pickles a torch tensor's bytes in band (a copy on each side); with this it sends them as out-of-band
 # buffers and the receiver gets a view of the store's shared memory. Such a view is read-only: GPU actors only
 # ever copy what they receive to their device, so this is set for them only, never for CPU actors (which
-# compute on what they receive); on an existing cluster, set it in the cluster's or the job's env.
+# compute on what they receive; a later CPU run in the same process reuses this Ray: run it in its own
+# process); on an existing cluster, set it in the cluster's or the job's env.
 ZERO_COPY_TENSORS = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
 
 
@@ -49,8 +50,11 @@ def init_ray(dist: DistConfig) -> None:
                 pass
             else:
                 _enable_token_auth()
-        if dist.device == "cuda":  # (an existing cluster keeps its own settings: a Ray Job's env is its own)
-            kw["runtime_env"] = {"env_vars": ZERO_COPY_TENSORS}
+        if dist.device == "cuda":
+            # the workers of the Ray started here inherit this process's env (a runtime_env would do the same
+            # through Ray's env agent, seconds slower to start actors); an existing cluster keeps its own
+            for k, v in ZERO_COPY_TENSORS.items():
+                os.environ.setdefault(k, v)
         # "local": start our own, never attach to another `ray start` cluster found in /tmp/ray by chance
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, dist.actors * dist.cpus_per_actor), **kw)
 
