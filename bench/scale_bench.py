@@ -13,9 +13,9 @@ appends the full results to OUT_DIR/scale.jsonl.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -48,21 +48,19 @@ def case_config(case: str, out: Path, eval_windows: int = 32, transport: str = "
 
 
 def main() -> None:
-    args = sys.argv[2:]
-    spread = "--spread-experts" in args
-    args = [a for a in args if a != "--spread-experts"]
-    opts = {"--eval-windows": "32", "--transport": "auto"}
-    for flag in opts:
-        if flag in args:
-            i = args.index(flag)
-            opts[flag] = args[i + 1]
-            del args[i:i + 2]
-    out = Path(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("cases", nargs="+")
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--transport", default="auto", choices=["auto", "collective", "object_store"])
+    ap.add_argument("--spread-experts", action="store_true")
+    args = ap.parse_intermixed_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for case in args:
+    for case in args.cases:
         t0 = time.perf_counter()
-        res = run(case_config(case, out, int(opts["--eval-windows"]), opts["--transport"], spread))
+        res = run(case_config(case, out, args.eval_windows, args.transport, args.spread_experts))
         wall = time.perf_counter() - t0
         t = res["timings_s"]
         blocks = res["blocks"]
@@ -79,7 +77,7 @@ def main() -> None:
         with open(out / "scale.jsonl", "a") as fh:
             fh.write(json.dumps({**row, "results": res}, default=str) + "\n")
         print(json.dumps(row), flush=True)
-    print(f"\ntransport {opts['--transport']}, eval windows {opts['--eval-windows']}")
+    print(f"\ntransport {args.transport}, eval windows {args.eval_windows}")
     print("| case | wall s | load s | calibrate s | eval s | eval warm s | block median s | GPU peak GiB | actor host GiB | "
           "driver host GiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

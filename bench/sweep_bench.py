@@ -4,15 +4,15 @@
     MODEL  = synthetic:ARCH:LAYERS (timing only) or demo (SmolLM2 + SOTU, the demo's data settings)
     POINT  = BIT:GROUP_SIZE, e.g. 4:128 3:128 4:64 3:64
     --pipelined-only: skip the separate runs (to time the pipelined sweep on another actor count)
-    --transport=T: dist.transport (auto, collective, object_store; default auto)
+    --transport T: dist.transport (auto, collective, object_store; default auto)
 
 Prints, per mode, the wall time and every point's fake-quant PPL (they must agree between the modes: the
 pipelined sweep is tested to equal separate runs bit for bit), then the speed-up.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -59,18 +59,26 @@ def _demo():
 
 
 def main() -> None:
-    transport = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--transport=")), "auto")
-    args = [a for a in sys.argv[1:] if a != "--pipelined-only" and not a.startswith("--transport=")]
-    out, model, actors, schedule, method, *points = args
-    out = Path(out)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("model")
+    ap.add_argument("actors", type=int)
+    ap.add_argument("schedule", choices=["sequential", "parallel"])
+    ap.add_argument("method")
+    ap.add_argument("points", nargs="+", help="BIT:GROUP_SIZE")
+    ap.add_argument("--pipelined-only", action="store_true")
+    ap.add_argument("--transport", default="auto", choices=["auto", "collective", "object_store"])
+    args = ap.parse_intermixed_args()
+    out, model, actors, schedule, method, points, transport = (args.out, args.model, args.actors, args.schedule,
+                                                              args.method, args.points, args.transport)
     pts = [tuple(int(x) for x in p.split(":")) for p in points]
     rows = {}
-    if "--pipelined-only" not in sys.argv:
+    if not args.pipelined_only:
         t0 = time.perf_counter()
-        alone = [run(config(model, int(actors), schedule, method, b, g, out / "alone", transport)) for b, g in pts]
+        alone = [run(config(model, actors, schedule, method, b, g, out / "alone", transport)) for b, g in pts]
         rows["separate runs"] = (time.perf_counter() - t0, alone)
     t0 = time.perf_counter()
-    swept = run_many([config(model, int(actors), schedule, method, b, g, out / "pipelined", transport) for b, g in pts])
+    swept = run_many([config(model, actors, schedule, method, b, g, out / "pipelined", transport) for b, g in pts])
     rows["pipelined sweep"] = (time.perf_counter() - t0, swept)
     print(f"\n{model}, {actors} actor(s), {schedule}, {method}, points {' '.join(points)}")
     print("| mode | wall s | calibrate s | fake-quant PPL per point |\n|---|---|---|---|")

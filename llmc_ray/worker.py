@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .algorithms.base import BlockContext, resolve, token_count
 from .checkpoint import TORCH_DTYPES, Checkpoint, materialize, meta_model
@@ -111,6 +112,11 @@ class Variant:
                     raise RuntimeError(f"block {index}: the fp weights were already changed by another sweep point")
                 self.blocks[index] = copy.deepcopy(self.source[index])
         return self.blocks[index]
+
+
+def _under(named: Dict[str, Any], prefix: str) -> Dict[str, Any]:
+    """The entries named under `prefix`, with the prefix taken off."""
+    return {n[len(prefix):]: v for n, v in named.items() if n.startswith(prefix)}
 
 
 class ExpertSet(nn.Module):
@@ -233,6 +239,18 @@ class BlockWorker:
             torch.cuda.current_stream(acts[0].device).synchronize()
             return out
         return [a.to("cpu") for a in acts]
+
+    def _host_tree(self, tree: Any) -> Any:
+        """The same nested dicts/lists/tuples with every tensor a host copy of its own, made in one go (one wait
+        for the device, not one per tensor); on a CPU worker, copies all the same (never the block's own)."""
+        leaves, spec = tree_flatten(tree)
+        where = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+        host = self._to_cpu([leaves[i].detach() for i in where])
+        if self.device.type == "cpu":
+            host = [t.clone() for t in host]
+        for i, h in zip(where, host):
+            leaves[i] = h
+        return tree_unflatten(leaves, spec)
 
     def _take(self, acts: Any, index: int) -> Optional[Acts]:
         """A block's inputs on the device: activations from another actor, or the ones this actor kept."""
@@ -432,24 +450,12 @@ class BlockWorker:
             shared[k][e] = (block.get_submodule(e), xs)
         result.routed_inputs = {}
         # each expert as a host module: its structure, with its tensors (and its inputs) as pinned host copies
-        # made in one go (one wait for the device); on a CPU worker, copies all the same (never the block's own)
-        flat = [(k, e, name, t) for k, p in enumerate(shared) for e, (m, xs) in p.items()
-                for name, t in [*m.state_dict().items(), *((None, x) for x in xs)]]
-        host = self._to_cpu([t for *_, t in flat])
-        if self.device.type == "cpu":
-            host = [t.clone() for t in host]
-        copies: Dict[Tuple[int, str], Tuple[Dict[str, torch.Tensor], Acts]] = {
-            (k, e): ({}, []) for k, p in enumerate(shared) for e in p}
-        for (k, e, name, _), h in zip(flat, host):
-            state, xs = copies[k, e]
-            if name is None:
-                xs.append(h)
-            else:
-                state[name] = h
-        for (k, e), (state, xs) in copies.items():
-            module = copy.deepcopy(shared[k][e][0]).to("meta")
-            module.load_state_dict(state, assign=True)
-            shared[k][e] = (module, xs)
+        host = self._host_tree([{e: (m.state_dict(), xs) for e, (m, xs) in p.items()} for p in shared])
+        for k, p in enumerate(host):
+            for e, (state, xs) in p.items():
+                module = copy.deepcopy(shared[k][e][0]).to("meta")
+                module.load_state_dict(state, assign=True)
+                shared[k][e] = (module, xs)
         self.spreading[job.variant] = (index, result, dev, t0)
         return tuple({"index": index, "experts": p, "subsets": only_experts(self.subsets[index], tuple(p))}
                      for p in shared)
@@ -478,21 +484,11 @@ class BlockWorker:
         routed = [x for xs in inputs.values() for x in xs]
         with self._block_errors(payload["index"], job, routed), torch.no_grad():
             result = method.fn(ctx)
-        # every tensor to hand back, host-copied in one go (one wait for the device, not one per tensor)
-        tensors = dict(experts.experts.state_dict())
-        tensors.update({f"{n}#{i}": t.detach() for n, qp in result.qparams.items() if qp is not None
-                        for i, t in enumerate(qp)})
-        host = dict(zip(tensors, self._to_cpu(list(tensors.values()))))
-        for e, k in key.items():
-            pre = f"{k}."
-            state = {n[len(pre):]: t for n, t in host.items() if n.startswith(pre) and "#" not in n}
-            qparams = {n[len("experts.") + len(pre):]: None if qp is None else (host[f"{n}#0"], host[f"{n}#1"])
-                       for n, qp in result.qparams.items() if n.startswith("experts." + pre)}
-            # per-layer report entries (losses, ...) of this expert, named inside it
-            info = {name: {n[len("experts.") + len(pre):]: v for n, v in value.items()
-                           if n.startswith("experts." + pre)}
-                    for name, value in result.info.items() if isinstance(value, dict)}
-            out[e] = (state, qparams, info)
+        host = self._host_tree({"state": dict(experts.experts.state_dict()), "qparams": result.qparams})
+        for e, k in key.items():  # per expert: its tensors, qparams and report entries, named inside it
+            info = {name: _under(value, f"experts.{k}.") for name, value in result.info.items()
+                    if isinstance(value, dict)}
+            out[e] = (_under(host["state"], f"{k}."), _under(host["qparams"], f"experts.{k}."), info)
         return {"rank": self.plan.rank, "experts": out}
 
     def finish_spread(self, index: int, job: CalibJob, hand_on: str,

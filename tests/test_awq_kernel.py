@@ -29,7 +29,7 @@ CHILD = textwrap.dedent('''
                 got = k.scaled_fake_quant(w, s, spec)
                 assert got.dtype == dtype and torch.equal(got, ref), (dtype, spec, rows, (got - ref).abs().max())
                 n_fused += 1
-    assert k.broken is None and n_fused == 36
+    assert k.kernels.broken is None and n_fused == 36
     # the squared-error sum: fp32 accumulation of half-precision inputs, any size
     for n in (1, 4095, 4096, 10001):
         a, b = torch.randn(n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
@@ -70,8 +70,8 @@ def test_a_kernel_that_fails_on_the_gpu_falls_back_once(monkeypatch, caplog):
                 raise RuntimeError("no kernel image is available for execution on the device")
             return launch
 
-    monkeypatch.setattr(k, "broken", None)
-    monkeypatch.setattr(k, "_runs_on", lambda t: k.broken is None)  # as if on a GPU
+    monkeypatch.setattr(k.kernels, "broken", None)
+    monkeypatch.setattr(k.kernels, "runs_on", lambda t: k.kernels.broken is None)  # as if on a GPU
     monkeypatch.setattr(k, "_scaled_fake_quant_kernel", Failing())
     monkeypatch.setattr(k, "_sq_err_kernel", Failing())
     spec = QuantSpec(4, False, "per_group", 32)
@@ -79,5 +79,5 @@ def test_a_kernel_that_fails_on_the_gpu_falls_back_once(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert torch.equal(k.scaled_fake_quant(w, s, spec), k.scaled_fake_quant_reference(w, s, spec))
         assert torch.equal(k.sq_err_sum(w, w * 2), k.sq_err_sum_reference(w, w * 2))
-    assert len(calls) == 1 and "no kernel image" in k.broken
+    assert len(calls) == 1 and "no kernel image" in k.kernels.broken
     assert sum("fused AWQ kernels failed" in r.message for r in caplog.records) == 1

@@ -12,28 +12,13 @@ kernel that fails to build or launch on a GPU is not tried again in this process
 """
 from __future__ import annotations
 
-import logging
-import os
-from typing import Optional
-
 import torch
 
 from ..quant.quantizer import MIN_RANGE, QuantSpec, fake_quant
+from .triton_support import KernelSwitch, round_half_away, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
-    triton = None
-
-log = logging.getLogger(__name__)
 TILE = 4096  # elements per program
-# why the kernels failed to build or launch on this process's GPU (then they are not tried again)
-broken: Optional[str] = None
-
-
-def _runs_on(t: torch.Tensor) -> bool:
-    return triton is not None and not broken and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+kernels = KernelSwitch("fused AWQ kernels", "AWQ uses PyTorch ops")
 
 
 def _fused_layout(w: torch.Tensor, spec: QuantSpec) -> bool:
@@ -42,17 +27,7 @@ def _fused_layout(w: torch.Tensor, spec: QuantSpec) -> bool:
             and g <= TILE and w.dim() == 2 and w.shape[1] % g == 0)
 
 
-def _give_up(e: Exception) -> None:
-    global broken
-    broken = f"the fused AWQ kernels failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
-    log.warning("AWQ: %s; using PyTorch ops for the rest of this process", broken)
-
-
 if triton is not None:
-
-    @triton.jit
-    def _round_half_away(x):
-        return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(-x + 0.5))
 
     @triton.jit
     def _to_bf16(x):
@@ -78,8 +53,8 @@ if triton is not None:
             zero = tl.zeros_like(scale)
         else:
             scale = tl.div_rn(tl.maximum(hi - lo, min_range), qmax)
-            zero = tl.minimum(tl.maximum(_round_half_away(tl.div_rn(-lo, scale)), qmin), qmax)
-        code = tl.minimum(tl.maximum(_round_half_away(tl.div_rn(w, scale[:, None])) + zero[:, None], qmin), qmax)
+            zero = tl.minimum(tl.maximum(round_half_away(tl.div_rn(-lo, scale)), qmin), qmax)
+        code = tl.minimum(tl.maximum(round_half_away(tl.div_rn(w, scale[:, None])) + zero[:, None], qmin), qmax)
         out = tl.div_rn((code - zero[:, None]) * scale[:, None], s[None, :])
         if OUT_BF16:
             out = _to_bf16(out)
@@ -103,23 +78,20 @@ def scaled_fake_quant_reference(w: torch.Tensor, s: torch.Tensor, spec: QuantSpe
 def scaled_fake_quant(w: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`scaled_fake_quant_reference` in one pass where the kernel takes the layout (minmax per-group qparams
     with a power-of-two group size)."""
-    if not (_runs_on(w) and _fused_layout(w, spec)):
+    if not (kernels.runs_on(w) and _fused_layout(w, spec)):
         return scaled_fake_quant_reference(w, s, spec)
-    try:
-        w, s = w.contiguous(), s.float().contiguous()
-        out = torch.empty_like(w)
+
+    def fused() -> torch.Tensor:
+        wc, sc = w.contiguous(), s.float().contiguous()
+        out = torch.empty_like(wc)
         g = spec.group_size
         block_rows = max(1, TILE // g)
-        grid = (triton.cdiv(w.shape[0], block_rows), w.shape[1] // g)
-        _scaled_fake_quant_kernel[grid](w, s, out, w.shape[0], w.stride(0), out.stride(0), float(spec.qmin),
+        grid = (triton.cdiv(wc.shape[0], block_rows), wc.shape[1] // g)
+        _scaled_fake_quant_kernel[grid](wc, sc, out, wc.shape[0], wc.stride(0), out.stride(0), float(spec.qmin),
                                         float(spec.qmax), MIN_RANGE, SYM=spec.symmetric, GROUP=g,
-                                        BLOCK_ROWS=block_rows, OUT_BF16=w.dtype == torch.bfloat16)
+                                        BLOCK_ROWS=block_rows, OUT_BF16=wc.dtype == torch.bfloat16)
         return out
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any build/launch failure: the reference gives the same result
-        _give_up(e)
-        return scaled_fake_quant_reference(w, s, spec)
+    return kernels.attempt(fused, lambda: scaled_fake_quant_reference(w, s, spec))
 
 
 def sq_err_sum_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -130,15 +102,12 @@ def sq_err_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """sum((a - b)^2) in fp32 as a 0-d tensor on a's device (not read back: no sync)."""
     if a.shape != b.shape:
         raise ValueError(f"sq_err_sum: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
-    if not _runs_on(a) or a.numel() == 0:
+    if not kernels.runs_on(a) or a.numel() == 0:
         return sq_err_sum_reference(a, b)
-    try:
-        a, b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-        parts = torch.empty(triton.cdiv(a.numel(), TILE), device=a.device, dtype=torch.float32)
-        _sq_err_kernel[(parts.numel(),)](a, b, parts, a.numel(), BLOCK=TILE)
+
+    def fused() -> torch.Tensor:
+        fa, fb = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
+        parts = torch.empty(triton.cdiv(fa.numel(), TILE), device=fa.device, dtype=torch.float32)
+        _sq_err_kernel[(parts.numel(),)](fa, fb, parts, fa.numel(), BLOCK=TILE)
         return parts.sum()
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        _give_up(e)
-        return sq_err_sum_reference(a, b)
+    return kernels.attempt(fused, lambda: sq_err_sum_reference(a, b))

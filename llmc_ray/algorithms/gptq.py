@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -20,13 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ..models.spec import Subset
-from ..models.subsets import without_experts
+from ..models.subsets import in_experts, without_experts
 from ..quant.quantizer import QuantSpec, compute_qparams, fake_quant_columns
 from . import gptq_kernel
 from .base import BlockContext, BlockResult, QParams, expert_coverage, forward_pre_hooks, register, token_count
-
-log = logging.getLogger(__name__)
-
 
 SWEEPS = ("graph", "triton", "eager")
 
@@ -196,16 +192,9 @@ def padded_sweep(run, W1, Hinv1, S, Z, width: int):
 
 
 def _fused_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
-    if not gptq_kernel.broken:
-        try:
-            return padded_sweep(lambda *t: gptq_kernel.fused_sweep(*t, spec.qmin, spec.qmax), W1, Hinv1, S, Z, width)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as e:  # the kernel does not build or launch here (old GPU, Triton/driver mismatch)
-            gptq_kernel.broken = f"the fused kernel failed on this GPU ({type(e).__name__}: {str(e)[:200]})"
-            log.warning("GPTQ: %s; using the %s sweep for the rest of this process (quant.special.sweep=graph "
-                        "avoids trying it)", gptq_kernel.broken, "CUDA-graph" if W1.is_cuda else "eager")
-    return _plain_sweep(W1, Hinv1, S, Z, spec, width)
+    return gptq_kernel.kernels.attempt(
+        lambda: padded_sweep(lambda *t: gptq_kernel.fused_sweep(*t, spec.qmin, spec.qmax), W1, Hinv1, S, Z, width),
+        lambda: _plain_sweep(W1, Hinv1, S, Z, spec, width))
 
 
 def _plain_sweep(W1, Hinv1, S, Z, spec: QuantSpec, width: int):
@@ -392,7 +381,7 @@ def gptq(ctx: BlockContext) -> BlockResult:
     # true_sequential: each stage's inputs are captured with the earlier stages already quantized
     for stage in stages(ctx.subsets) if sp.true_sequential else [list(ctx.subsets)]:
         keep = list(without_experts(tuple(stage), apart)) if apart else stage
-        wants = {e: [] for e in apart if not routed and any(n.startswith(e + ".") for s in stage for n in s.layers)}
+        wants = {e: [] for e in apart if not routed and any(in_experts(n, (e,)) for s in stage for n in s.layers)}
         if not keep and not wants:
             continue
         stats = collect_hessians(ctx, keep, wants)
@@ -400,7 +389,7 @@ def gptq(ctx: BlockContext) -> BlockResult:
         for subset in keep:
             quantize_subset(ctx, subset, stats, sp, qparams, pending, tokens)
     for e, xs in routed.items():  # for the coverage report: each expert's layers saw its routed tokens
-        tokens.update({n: token_count(xs) for s in ctx.subsets for n in s.layers if n.startswith(e + ".")})
+        tokens.update({n: token_count(xs) for s in ctx.subsets for n in s.layers if in_experts(n, (e,))})
     values = torch.stack(list(pending.values())).tolist() if pending else []
     failed = [n for n, (_, bad) in zip(pending, values) if bad]
     if failed:

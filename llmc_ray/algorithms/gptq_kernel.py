@@ -12,34 +12,23 @@ on CPU tensors with NumPy: that is how the tests check it against the eager swee
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton ships with CUDA builds of torch; CPU-only installs may lack it
-    triton = None
+from .triton_support import KernelSwitch, interpreting, round_half_away, tl, triton
 
 BLOCK_ROWS = 16
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# why the kernel failed to build or launch on this process's GPU (then every later solve skips it)
-broken: Optional[str] = None
+kernels = KernelSwitch("fused GPTQ sweep", "GPTQ uses the CUDA-graph sweep (eager on a CPU; "
+                       "quant.special.sweep=graph avoids trying it)")
 
 
 def usable(t: torch.Tensor, width: int) -> Optional[str]:
     """None when the fused sweep can run on tensors like `t` with lazy batches of `width` columns, else why not."""
     if triton is None:
         return "triton is not installed"
-    if broken:
-        return broken
+    if kernels.broken:
+        return kernels.broken
     if not (t.is_cuda or interpreting()):
         return "the tensors are not on a CUDA device"
     if width < 1 or width & (width - 1) or width > 256:
@@ -62,8 +51,7 @@ if triton is not None:
             s = tl.load(s_ptr + r * stride_s + i, mask=live, other=1.0)
             z = tl.load(z_ptr + r * stride_z + i, mask=live, other=0.0)
             x = tl.div_rn(wi, s)
-            rounded = tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(-x + 0.5))  # half away from zero
-            code = tl.minimum(tl.maximum(rounded + z, qmin), qmax)
+            code = tl.minimum(tl.maximum(round_half_away(x) + z, qmin), qmax)
             q = (code - z) * s
             d = tl.load(h_ptr + i * stride_h + i)
             diff = wi - q

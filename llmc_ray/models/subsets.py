@@ -94,21 +94,19 @@ def block_subsets(spec: ModelSpec, block: nn.Module) -> Tuple[Subset, ...]:
     return resolve_subsets(spec, module_has(block))
 
 
-def _in_expert(name: Optional[str], expert: str) -> bool:
-    return bool(name) and name.startswith(expert + ".")
+def in_experts(name: Optional[str], experts: Iterable[str]) -> bool:
+    """Is this module inside one of these routed experts (`experts.3.up_proj` is inside `experts.3`)?"""
+    return bool(name) and any(name.startswith(e + ".") for e in experts)
 
 
 def without_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tuple[Subset, ...]:
     """The block's subsets minus the routed experts' layers (subsets left with no layer are dropped): what
     stays with the block's owner when the experts are calibrated elsewhere."""
-    def routed(n: str) -> bool:
-        return any(_in_expert(n, e) for e in experts)
-
     out = []
     for s in subsets:
-        layers = tuple(n for n in s.layers if not routed(n))
+        layers = tuple(n for n in s.layers if not in_experts(n, experts))
         if layers:
-            groups = tuple(g for g in s.input_groups if not any(routed(n) for n in g))
+            groups = tuple(g for g in s.input_groups if not any(in_experts(n, experts) for n in g))
             out.append(dataclasses.replace(s, layers=layers, input_groups=groups))
     return tuple(out)
 
@@ -117,19 +115,15 @@ def only_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tuple
     """What `without_experts` leaves out, for these experts: their input groups of a shared subset (gate/up,
     fed by the block's norm: one subset of those groups, no prev_op) and their own subsets (up -> down), in the
     block's order and stages, so a method run on the experts alone walks them as it would in the block."""
-    def mine(n: str) -> bool:
-        return any(_in_expert(n, e) for e in experts)
-
-    def of_one(s: Subset) -> Optional[str]:
-        owner = [e for e in experts if all(_in_expert(n, e) for n in s.layers)]
-        return owner[0] if owner else None
+    def within_one(s: Subset) -> bool:
+        return any(all(in_experts(n, (e,)) for n in s.layers) for e in experts)
 
     out = []
     for s in subsets:
-        if of_one(s) is not None:
+        if within_one(s):
             out.append(s)
             continue
-        groups = tuple(g for g in s.groups() if all(mine(n) for n in g))
+        groups = tuple(g for g in s.groups() if all(in_experts(n, experts) for n in g))
         if groups:
             out.append(Subset(None, tuple(n for g in groups for n in g), "", input_groups=groups))
     return tuple(out)
@@ -137,6 +131,6 @@ def only_experts(subsets: Tuple[Subset, ...], experts: Tuple[str, ...]) -> Tuple
 
 def renamed(s: Subset, rename: Callable[[str], str]) -> Subset:
     """The subset with every module name passed through `rename`."""
-    return Subset(rename(s.prev_op) if s.prev_op else None, tuple(map(rename, s.layers)),
-                  rename(s.inspect) if s.inspect else "", s.inspect_kwargs, tuple(map(rename, s.absorb)),
-                  tuple(tuple(map(rename, g)) for g in s.input_groups), s.stage)
+    return dataclasses.replace(s, prev_op=rename(s.prev_op) if s.prev_op else None, layers=tuple(map(rename, s.layers)),
+                               inspect=rename(s.inspect) if s.inspect else "", absorb=tuple(map(rename, s.absorb)),
+                               input_groups=tuple(tuple(map(rename, g)) for g in s.input_groups))
