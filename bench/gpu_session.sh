@@ -17,6 +17,9 @@
 #   full7b    carry .whl: DEPTH=28 for the whole Qwen2-7B shape: ours matched AWQ and GPTQ on it (and GPTQ without
 #             block checkpoints); DEPTH=28 ONLY7B=1 BS=32 ... theirs writes the same model for llm-compressor itself
 #   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
+#   gram      carry .whl .cache/sotu (and a staged GGUF for the SmolLM2 rows): AWQ with the search loss of
+#             o_proj/down_proj from the Gram matrix vs a forward per ratio: 7B-shape block profiles, SmolLM2 PPL;
+#             DEPTH=28 also runs the whole Qwen2-7B shape, AWQ matched
 #   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens (BS=32 bash ...: 32 rows
 #             a forward instead of its default 1)
 set -uo pipefail
@@ -220,4 +223,32 @@ fi
 if [ "$phase" = more ]; then
   python3 bench/scale_bench.py $OUT/moe deepseek-v2-lite:2:Awq:sequential:1 deepseek-v2-lite:2:GPTQ:sequential:1 2>&1 | tail -5
   python3 bench/sweep_bench.py $OUT/sweep demo 1 sequential Awq 4:64 3:64 4:32 3:32 2>&1 | tail -8
+fi
+if [ "$phase" = gram ]; then
+  for g in true false; do
+    python3 bench/block_profile.py synthetic:qwen2-7b:4 Awq 16 --blocks 4 --group-size 128 \
+      --special weight_clip=false gram_search=$g > $OUT/gram_profile_$g.txt 2>&1; tail -6 $OUT/gram_profile_$g.txt
+  done
+  if [ -f $LLMC_RAY_CACHE/assets/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    E=(dist=gpu dist.actors=1 "eval.eval_pos=[pretrain,fake_quant]")
+    for g in true false; do
+      ours g_smol_awq_gram_$g "${SMOL[@]}" "${E[@]}" quant=awq quant.special.gram_search=$g
+      ours g_smol_awq_matched_gram_$g "${SMOL[@]}" "${E[@]}" quant=awq quant.special.weight_clip=false \
+        quant.quant_out=false quant.special.gram_search=$g
+    done
+    summary
+    python3 - <<'PY'
+import json, os
+for name in ("g_smol_awq", "g_smol_awq_matched"):
+    a, b = (json.load(open(f"{os.environ['OUT']}/{name}_gram_{g}/results.json")) for g in ("true", "false"))
+    ratios = lambda r: [blk.get("info", {}).get("ratios") for blk in r["blocks"]]
+    same = sum(x == y for x, y in zip(ratios(a), ratios(b)))
+    print(name, f"blocks with the same ratios gram vs forward: {same}/{len(a['blocks'])}")
+PY
+  fi
+  if [ "$D" = 28 ]; then
+    ours q7b28_awq_matched_gram "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+    summary
+    rm -rf $OUT/q7b28_*/
+  fi
 fi

@@ -351,3 +351,75 @@ def test_a_reference_is_recomputed_once_its_module_has_changed(monkeypatch):
     assert set(kept.info["ratios"]) == {"self_attn", "mlp.down_proj", "mlp"}
     # only the two searches whose modules were untouched took their reference from the capture
     assert fresh_calls - kept_calls == 2 * len(ctx.inputs)
+
+
+# ------------------------------------------------------------------ the loss from the inputs' Gram matrix
+
+
+def test_gram_loss_equals_the_output_mse():
+    """sum((W' - W) G * (W' - W)) / (tokens * out) is the MSE between the linear's outputs with W' and with W,
+    bias included (it cancels): recomputed here by running the linear on every micro-batch."""
+    from llmc_ray.algorithms.awq import GramLoss
+
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(48, 24, dtype=torch.float64)
+    xs = [torch.randn(1, n, 48, generator=g, dtype=torch.float64) * torch.rand(48, generator=g, dtype=torch.float64)
+          for n in (30, 70, 1)]
+    w = lin.weight.detach().clone()
+    loss = GramLoss(xs, w)
+    for scale in (0.0, 1e-3, 0.3):
+        cand = w + scale * torch.randn(w.shape, generator=g, dtype=torch.float64)
+        want = torch.cat([(torch.nn.functional.linear(x, cand, lin.bias) - lin(x)).reshape(-1, 24) for x in xs])
+        want = want.pow(2).mean()
+        assert loss(cand, w).item() == pytest.approx(want.item(), rel=1e-10, abs=1e-300)
+
+
+def gram_ctx(tokens_per_seq: int = 96) -> BlockContext:
+    """A float64 tiny llama block with more tokens than the MLP's width, so the Gram loss pays for o_proj and
+    down_proj."""
+    model = tiny.tiny_model("llama").double()
+    xs, kw = tiny.block_inputs(model, n=4, seq=tokens_per_seq)
+    return BlockContext(model.model.layers[0], xs, kw, LLAMA_SUBSETS, G32_3, AwqSpecial(weight_clip=False))
+
+
+@pytest.mark.parametrize("subset_idx", [1, 3])
+def test_gram_search_equals_the_forward_search(subset_idx):
+    from llmc_ray.algorithms.awq import gram_pays
+
+    ctx = gram_ctx()
+    subset = LLAMA_SUBSETS[subset_idx]  # v -> o_proj, up -> down_proj: each its own inspect module
+    xs = ctx.capture_inputs([subset.inspect])[subset.inspect]
+    assert gram_pays(ctx, subset, 4 * 96, 20)
+    by_gram = search_scale(ctx, subset, xs, "v1", 20, gram=True)
+    by_forward = search_scale(ctx, subset, xs, "v1", 20)
+    # the forward path sums its squared errors in fp32 (and the candidates are fp32-rounded in both)
+    assert by_gram.losses == pytest.approx(by_forward.losses, rel=1e-6)
+    assert by_gram.ratio == by_forward.ratio and torch.equal(by_gram.scales, by_forward.scales)
+
+
+def test_gram_pays_only_for_one_linear_with_more_tokens_than_inputs():
+    from llmc_ray.algorithms.awq import gram_pays
+
+    ctx = gram_ctx()
+    attn, v_to_o, mlp, up_to_down = LLAMA_SUBSETS
+    assert not gram_pays(ctx, attn, 10**6, 20) and not gram_pays(ctx, mlp, 10**6, 20)  # inspect is no one linear
+    # down_proj (in 256, out 128), 20 ratios: 20*T*in*out forward multiply-adds vs in*(20*out + T) for the Gram
+    assert gram_pays(ctx, up_to_down, 300, 20) and not gram_pays(ctx, up_to_down, 250, 20)
+
+
+def test_awq_with_gram_losses_equals_awq_with_forwards(monkeypatch):
+    """The whole block method: the same ratios and weights, and the single-linear inspect modules are never
+    called (neither in the searches nor for a reference)."""
+    by_forward = gram_ctx()
+    by_forward.special = AwqSpecial(weight_clip=False, gram_search=False)
+    want = awq(by_forward)
+    ctx = gram_ctx()
+    calls = []
+    call = BlockContext.call
+    monkeypatch.setattr(BlockContext, "call", lambda self, s, x: calls.append(s.inspect) or call(self, s, x))
+    got = awq(ctx)
+    assert set(calls) == {"self_attn", "mlp"}
+    # (v -> o_proj is skipped: the tiny model's GQA v_proj is narrower than o_proj's input)
+    assert got.info["ratios"] == want.info["ratios"] and "mlp.down_proj" in got.info["ratios"]
+    a, b = ctx.block.state_dict(), by_forward.block.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-12, atol=0) for k in a)
