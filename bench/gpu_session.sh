@@ -18,8 +18,8 @@
 #             block checkpoints); DEPTH=28 ONLY7B=1 BS=32 ... theirs writes the same model for llm-compressor itself
 #   more      carry .whl .cache/sotu: MoE (DeepSeek-V2-Lite shape) blocks, pipelined sweep vs separate runs
 #   gram      carry .whl .cache/sotu (and a staged GGUF for the SmolLM2 rows): AWQ with the search loss of
-#             o_proj/down_proj from the Gram matrix vs a forward per ratio: 7B-shape block profiles, SmolLM2 PPL;
-#             DEPTH=28 also runs the whole Qwen2-7B shape, AWQ matched
+#             o_proj/down_proj from the Gram matrix vs a forward per ratio: 7B-shape block profiles, SmolLM2 PPL
+#   gram_full7b carry .whl: DEPTH=28: the whole Qwen2-7B shape, AWQ matched, as full7b (Gram losses on)
 #   theirs    carry .whl-lc: llm-compressor AWQ/GPTQ on the same two models and tokens (BS=32 bash ...: 32 rows
 #             a forward instead of its default 1)
 set -uo pipefail
@@ -246,9 +246,9 @@ for name in ("g_smol_awq", "g_smol_awq_matched"):
     print(name, f"blocks with the same ratios gram vs forward: {same}/{len(a['blocks'])}")
 PY
   fi
-  if [ "$D" = 28 ]; then
-    ours q7b28_awq_matched_gram "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
-    summary
-    rm -rf $OUT/q7b28_*/
-  fi
+fi
+if [ "$phase" = gram_full7b ]; then  # DEPTH=28: the whole Qwen2-7B shape, AWQ matched (as full7b), Gram losses on
+  ours q7b${D}_awq_matched_gram "${Q7[@]}" quant=awq quant.special.weight_clip=false quant.quant_out=false
+  summary
+  rm -rf $OUT/q7b${D}_*/
 fi
