@@ -423,3 +423,25 @@ def test_awq_with_gram_losses_equals_awq_with_forwards(monkeypatch):
     assert got.info["ratios"] == want.info["ratios"] and "mlp.down_proj" in got.info["ratios"]
     a, b = ctx.block.state_dict(), by_forward.block.state_dict()
     assert all(torch.allclose(a[k], b[k], rtol=1e-12, atol=0) for k in a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision Gram product runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gram_loss_on_cuda_is_close_to_the_exact_mse(dtype):
+    """On a GPU with half weights, G and W' - W go through a half GEMM with fp32 output: the MSE stays within
+    1e-2 (relative) of the float64 outputs' MSE of the same half tensors, and ranks candidates as it does."""
+    from llmc_ray.algorithms.awq import GramLoss
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    scale = torch.rand(512, device="cuda", generator=g) * 4  # uneven channels, as activations have
+    xs = [(torch.randn(1, 2048, 512, device="cuda", generator=g) * scale).to(dtype) for _ in range(3)]
+    w = (torch.randn(256, 512, device="cuda", generator=g) * 0.05).to(dtype)
+    loss = GramLoss(xs, w)
+    got, want = [], []
+    for noise in (0.002, 0.004, 0.008):
+        cand = (w.float() + noise * torch.randn(w.shape, device="cuda", generator=g)).to(dtype)
+        d = (cand.double() - w.double())
+        want.append(torch.cat([(x.double().reshape(-1, 512) @ d.t()) for x in xs]).pow(2).mean().item())
+        got.append(loss(cand, w).item())
+    assert got == pytest.approx(want, rel=1e-2)
+    assert sorted(range(3), key=got.__getitem__) == sorted(range(3), key=want.__getitem__)

@@ -157,15 +157,19 @@ class GramLoss:
         gram = input_gram(xs)
         # on a GPU with half weights the per-ratio product runs at the half GEMM rate, fp32 accumulation; its
         # rounding (2^-9 of W' - W and of G, relative) is far below that of the forward path, whose error is a
-        # difference of two half-rounded outputs
+        # difference of two half-rounded outputs. bf16 even for fp16 weights: G's sums of squares overflow fp16.
         self.half = gram.is_cuda and w.dtype in (torch.bfloat16, torch.float16)
-        self.gram = gram.to(w.dtype) if self.half else gram
+        self.gram = gram.to(torch.bfloat16) if self.half else gram
         self.count = token_count(xs) * w.shape[0]  # elements of the inspect output, the MSE's denominator
 
     def __call__(self, candidate: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        d = candidate.to(self.gram.dtype if self.half else torch.promote_types(self.gram.dtype, candidate.dtype))
-        d = d - w.to(d.dtype)
-        dg = torch.mm(d, self.gram, out_dtype=torch.float32) if self.half else d @ self.gram
+        if self.half:
+            d = (candidate.float() - w.float()).to(torch.bfloat16)
+            dg = torch.mm(d, self.gram, out_dtype=torch.float32)
+        else:
+            dtype = torch.promote_types(self.gram.dtype, candidate.dtype)
+            d = candidate.to(dtype) - w.to(dtype)
+            dg = d @ self.gram
         return (dg * d.to(dg.dtype)).sum() / self.count
 
 
