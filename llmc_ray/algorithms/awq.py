@@ -5,7 +5,8 @@ Follows the AWQ paper and llmc (`llmc/compression/quantization/awq.py`, `auto_cl
   1. capture the fp input of each subset once;
   2. (trans) for each subset in order: search a ratio r on a grid, scale s(r) per input channel, keeping the
      s whose fake-quantized layers (Q(W*s)/s) give the inspect module's output closest (MSE) to the original;
-     fold 1/s into prev_op and s into the layers' columns (an exact transform in full precision);
+     fold 1/s into prev_op and s into the layers' columns (an exact transform in full precision); a subset
+     that is its own inspect linear (o_proj, down_proj) gets that MSE from its inputs' Gram matrix;
   3. (weight_clip) for each layer, shrink each group's range over a grid, keeping the range that minimises the
      group's partial output error on a token subsample, and clamp the (transformed) weights to it.
 The transformed fp weights are what fake-quant/export then quantize with plain RTN qparams (returned as None).
