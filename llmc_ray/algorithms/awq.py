@@ -305,13 +305,18 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, sym: bool, n_
     # qparams from each whole clamped matrix, so per_tensor ranges see every row (the pipeline's RTN does too)
     qps = [compute_qparams(clamp(k, 0, out_f), spec) for k in range(len(shrinks))]
     errs = []
-    row_chunk = max(1, max_elems // (len(shrinks) * x.shape[0] * (in_f // g)))
+    n_g, n_k = in_f // g, len(shrinks)
+    row_chunk = max(1, max_elems // (n_k * x.shape[0] * n_g))
+    xt = xg.permute(1, 2, 0)  # [n_g, g, tokens]: each group's products come out tokens-last
     for r0 in range(0, out_f, row_chunk):
         r1 = min(r0 + row_chunk, out_f)
         dq = torch.stack([fake_quant(clamp(k, r0, r1), spec, _rows(s, r0, r1), _rows(z, r0, r1))
                           for k, (s, z) in enumerate(qps)])  # [K, rows, in]
-        d = (dq - w[r0:r1]).reshape(len(shrinks), r1 - r0, in_f // g, g)
-        errs.append(torch.einsum("tgj,krgj->ktrg", xg, d).pow(2).mean(1))  # [K, rows, n_g]
+        d = (dq - w[r0:r1]).reshape(n_k * (r1 - r0), n_g, g).transpose(0, 1)  # [n_g, K*rows, g]
+        # the mean over tokens reduces the innermost, contiguous dim (a strided middle-dim reduction was the
+        # clip search's slowest kernel on a GPU)
+        err = torch.bmm(d, xt).pow_(2).mean(-1)  # [n_g, K*rows]
+        errs.append(err.reshape(n_g, n_k, r1 - r0).permute(1, 2, 0))  # [K, rows, n_g]
     err = torch.cat(errs, dim=1)
     if spec.granularity == "per_tensor":
         # one range for the tensor: rows are not independent (they share qparams), so all rows take the
