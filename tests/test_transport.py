@@ -32,9 +32,11 @@ def test_three_actor_chain_with_direct_sends_equals_one_actor(schedule, tiny_dir
 def test_transport_auto_and_bad_values(monkeypatch):
     from llmc_ray.dist import cluster
 
-    assert resolve_transport(DistConfig(actors=2, device="cuda")) == "object_store"  # until measured on GPUs
+    assert resolve_transport(DistConfig(actors=2, device="cuda")) == "collective"  # measured on 2 GPUs
+    assert resolve_transport(DistConfig(actors=2, device="cuda", transport="object_store")) == "object_store"
+    monkeypatch.setattr(cluster, "COLLECTIVE_BY_DEFAULT_ON_GPUS", False)
+    assert resolve_transport(DistConfig(actors=2, device="cuda")) == "object_store"
     monkeypatch.setattr(cluster, "COLLECTIVE_BY_DEFAULT_ON_GPUS", True)
-    assert resolve_transport(DistConfig(actors=2, device="cuda")) == "collective"
     assert resolve_transport(DistConfig(actors=1, device="cuda")) == "object_store"
     assert resolve_transport(DistConfig(actors=2, device="cpu")) == "object_store"
     assert resolve_transport(DistConfig(actors=2, device="cpu", transport="collective")) == "collective"
